@@ -1,0 +1,46 @@
+# The two commands: `make demo` (set up, write the embedded Fashion-MNIST betons, train the CPU demo)
+# and `make test` (set up, run the test suite). Both run `make setup` first; a no-op setup takes seconds.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP := $(VENV)/.installed-requirements
+
+.PHONY: setup apt test demo betons bench clean-betons
+
+setup: apt $(STAMP)
+
+# Debian packages: FFCV compiles against libjpeg-turbo and OpenCV; the embedded data is Fashion-MNIST.
+apt:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
+	  echo "setup: installing Debian packages: $(APT_PACKAGES)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); }
+
+# The venv is (re)installed only when requirements.txt changes.
+$(STAMP): requirements.txt
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@$(PY) -c "import ffcv, torch, torchvision, fastargs, numba; print('setup: ok, torch', torch.__version__)"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+betons: setup
+	@for split in train val; do \
+	  if [ -f betons/fmnist_$$split.beton ]; then echo "betons/fmnist_$$split.beton exists"; \
+	  else $(PY) write_ffcv.py --split $$split || exit 1; fi; done
+
+demo: betons
+	@if [ -f train_coss.py ]; then $(PY) train_coss.py --config configs/fmnist.yaml; \
+	else echo "demo: wrote the embedded betons; the trainer (train_coss.py) is not built yet, so the demo ends here"; fi
+
+bench: setup
+	$(PY) bench/bench_loader.py
+
+clean-betons:
+	rm -f betons/fmnist_train.beton betons/fmnist_val.beton

@@ -1,0 +1,267 @@
+"""Strict configuration shared by write_ffcv.py and train_coss.py.
+
+One YAML file drives both scripts. The parameters are fastargs `Section`/`Param`s, but loading is ours because
+plain fastargs is too forgiving for a tool that runs for days:
+  - an unknown YAML key or `--section.key` on the command line is an error naming the key (fastargs ignores it);
+  - booleans accept only true/false/1/0/yes/no (fastargs turns the string 'False' into True);
+  - an int parameter refuses 0.5 (fastargs truncates it to 0) and a float accepts only numbers;
+  - a validation failure raises ConfigError, which the scripts turn into one line and exit code 2
+    (fastargs prints a table and exits 0).
+
+Usage:
+    cfg = load_config(yaml_path_or_None, ["--writer.workers=4", ...])
+    cfg["writer.workers"]   # -> 4
+"""
+import math
+import os
+import re
+
+import yaml
+from fastargs import Param, Section
+from fastargs.config import Config
+from fastargs.validation import Checker
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+IMAGENET100_CLASSES = os.path.join(REPO, "data", "imagenet100_classes.txt")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. Its message is one line meant for the user."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict checkers (fastargs calls check(value) and wraps any exception into ValidationError).
+
+class StrictInt(Checker):
+    def __init__(self, min=None, max=None):
+        self.min, self.max = min, max
+
+    def check(self, value):
+        if isinstance(value, bool):
+            raise ValueError("a bool is not an int")
+        if isinstance(value, float):
+            raise ValueError("a float is not an int")
+        if isinstance(value, str):
+            if not re.fullmatch(r"[+-]?\d+", value.strip()):
+                raise ValueError(value)
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(value)
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return "an int" + _range_help(self.min, self.max)
+
+
+class StrictFloat(Checker):
+    def __init__(self, min=None, max=None):
+        self.min, self.max = min, max
+
+    def check(self, value):
+        if isinstance(value, bool):
+            raise ValueError("a bool is not a float")
+        if isinstance(value, str):
+            value = float(value.strip())  # raises on non-numbers
+        if not isinstance(value, (int, float)):
+            raise ValueError(value)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(value)
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return "a float" + _range_help(self.min, self.max)
+
+
+class StrictBool(Checker):
+    TRUE = {"1", "true", "yes", "on"}
+    FALSE = {"0", "false", "no", "off"}
+
+    def check(self, value):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            v = value.strip().lower()
+            if v in self.TRUE:
+                return True
+            if v in self.FALSE:
+                return False
+        raise ValueError(value)
+
+    def help(self):
+        return "a boolean (1/0/true/false)"
+
+
+class Choice(Checker):
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def check(self, value):
+        if value not in self.choices:
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return "one of " + "/".join(self.choices)
+
+
+class Text(Checker):
+    def check(self, value):
+        if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+            raise ValueError(value)
+        return str(value)  # a YAML path like 2024 arrives as an int; keep it as text
+
+    def help(self):
+        return "a string"
+
+
+def _range_help(lo, hi):
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sections. Defaults are the embedded default (Fashion-MNIST), so `write_ffcv.py` with no --config writes it.
+
+def _declare(cfg):
+    Section("data", "Dataset source and beton location (both scripts)", config_descriptor=cfg).params(
+        source=Param(Choice("fashion_mnist", "imagenet100", "imagefolder", "synthetic"),
+                     "where images come from", default="fashion_mnist"),
+        root=Param(Text(), "dataset root: ImageNet root holding train/ and val/ (imagenet100, imagefolder), "
+                           "or the Fashion-MNIST folder", default=FASHION_MNIST_DIR),
+        class_list=Param(Text(), "imagenet100: file of wnids, one per line", default=IMAGENET100_CLASSES),
+        beton_dir=Param(Text(), "folder for <name>_<split>.beton (relative to the current folder)", default="betons"),
+        name=Param(Text(), "beton name prefix", default="fmnist"),
+        image_size=Param(StrictInt(0, 4096), "fashion_mnist: resize the 28x28 images to this side (0 = keep 28)",
+                         default=32),
+        synthetic_images=Param(StrictInt(1), "synthetic: images per split (val gets a quarter)", default=256),
+        synthetic_min_size=Param(StrictInt(1), "synthetic: smallest image side, px", default=24),
+        synthetic_max_size=Param(StrictInt(1), "synthetic: largest image side, px", default=64),
+        synthetic_classes=Param(StrictInt(1), "synthetic: number of classes", default=10),
+    )
+    Section("writer", "How write_ffcv.py encodes the beton", config_descriptor=cfg).params(
+        write_mode=Param(Choice("raw", "jpg", "proportion", "smart"),
+                         "raw pixels, JPEG, a random proportion of JPEGs, or JPEG only where raw is much larger",
+                         default="raw"),
+        max_resolution=Param(StrictInt(0), "longest side after resizing, px (0 = keep original size)", default=0),
+        jpeg_quality=Param(StrictInt(1, 100), "JPEG quality for jpg/proportion/smart", default=90),
+        compress_probability=Param(StrictFloat(0.0, 1.0), "proportion mode: fraction of images stored as JPEG",
+                                   default=0.5),
+        smart_threshold=Param(StrictInt(1), "smart mode: store JPEG when raw bytes > threshold x JPEG bytes",
+                              default=4),
+        workers=Param(StrictInt(1, 1024), "writer processes (also used for the verification scan)", default=2),
+        chunk_size=Param(StrictInt(1), "images handed to a writer process at a time", default=100),
+        page_size_mib=Param(StrictInt(2, 2048), "FFCV page size in MiB (power of 2; small pages waste less)",
+                            default=4),
+        max_pixels=Param(StrictInt(1), "images with more pixels than this are skipped as too large",
+                         default=178_956_970),
+        verify=Param(StrictBool(), "decode every file once before writing, to skip bad ones (file sources)",
+                     default=True),
+        overwrite=Param(StrictBool(), "replace an existing beton", default=False),
+        shuffle=Param(StrictBool(), "write samples in a random order (seeded by writer.seed)", default=False),
+        seed=Param(StrictInt(0), "seed for shuffle and for synthetic images", default=0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading.
+
+def new_config():
+    cfg = Config()
+    _declare(cfg)
+    return cfg
+
+
+def _flatten(tree, prefix=()):
+    """{'a': {'b': 1}} -> {('a', 'b'): 1}; a dotted key 'a.b' counts as nested."""
+    out = {}
+    for key, value in tree.items():
+        path = prefix + tuple(str(key).split("."))
+        if isinstance(value, dict):
+            if not value:
+                raise ConfigError(f"config key '{'.'.join(path)}' is an empty section")
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as fh:
+            tree = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold sections (a mapping), not a {type(tree).__name__}")
+    return _flatten(tree)
+
+
+def _parse_overrides(args):
+    """['--a.b=1', '--c.d', '2'] -> {('a','b'): '1', ('c','d'): '2'}; anything else is an error."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}' (expected --section.key=value)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"option '{arg}' needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        out[tuple(key.split("."))] = value
+        i += 1
+    return out
+
+
+def load_config(path=None, overrides=()):
+    """Returns a validated fastargs Config: defaults < YAML file < command-line overrides."""
+    cfg = new_config()
+    values = {}
+    for source, entries in (("config file", _read_yaml(path) if path else {}),
+                            ("command line", _parse_overrides(list(overrides)))):
+        for key, value in entries.items():
+            if key not in cfg.entries:
+                section = key[0]
+                known = sorted(".".join(p) for p in cfg.entries if p[0] == section)
+                hint = f" (known in '{section}': {', '.join(p.split('.', 1)[1] for p in known)})" if known else \
+                    f" (known sections: {', '.join(sorted({p[0] for p in cfg.entries}))})"
+                raise ConfigError(f"unknown {source} key '{'.'.join(key)}'{hint}")
+            values[key] = value
+    for key, value in values.items():
+        if value is None:
+            raise ConfigError(f"config key '{'.'.join(key)}' has no value")
+        cfg.content[key] = value
+    for key, param in cfg.entries.items():
+        try:
+            cfg[key]
+        except Exception:
+            got = cfg.content.get(key, param.default)
+            raise ConfigError(f"bad value for '{'.'.join(key)}': {got!r} (expected {param.checker.help()})") from None
+    return cfg
+
+
+def as_dict(cfg):
+    """The resolved config as {'section': {'key': value}} (for params.json and summaries)."""
+    out = {}
+    for key in cfg.entries:
+        out.setdefault(key[0], {})[".".join(key[1:])] = cfg[key]
+    return out

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic data, image trees, and an FFCV-independent beton reader."""
+import os
+import sys
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from config import load_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_ffcv():
+    """Numba compilation of FFCV pipelines costs 13-26 s per Loader; decoding still runs in C without it."""
+    from ffcv.pipeline.compiler import Compiler
+    Compiler.set_enabled(False)
+    yield
+
+
+def make_cfg(tmp_path, **overrides):
+    """A validated config writing to tmp_path; overrides as section__key=value."""
+    args = [f"--data.beton_dir={tmp_path / 'betons'}", "--writer.workers=2"]
+    args += [f"--{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return load_config(None, args)
+
+
+def read_beton(path):
+    """(images, labels) read straight from the file with FFCV's Reader and its allocation table (no Loader)."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    raw = np.fromfile(path, dtype=np.uint8)
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    images, labels = [], []
+    image_f, label_f = (f"f{reader.field_names.index(n)}" for n in ("image", "label"))  # metadata fields are f0, f1
+    for row in reader.metadata:
+        meta = row[image_f]
+        h, w, ptr = int(meta["height"]), int(meta["width"]), int(meta["data_ptr"])
+        data = raw[ptr:ptr + sizes[ptr]]
+        if meta["mode"] == 1:  # raw
+            img = data[:h * w * 3].reshape(h, w, 3)
+        else:  # jpg (encoded from RGB by OpenCV as BGR)
+            img = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            assert img.shape == (h, w, 3)
+        images.append(img)
+        labels.append(int(row[label_f]))
+    return images, labels
+
+
+def save_image(path, array, **kwargs):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return str(path)
+
+
+def wnid_colour(wnid):
+    """A colour that identifies a class folder, so a test can check which folder an image came from."""
+    h = zlib.crc32(wnid.encode())
+    return np.array([h & 255, (h >> 8) & 255, (h >> 16) & 255], dtype=np.uint8)

@@ -1,0 +1,116 @@
+"""The strict config loader shared by write_ffcv.py and train_coss.py."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from config import ConfigError, as_dict, load_config
+from conftest import REPO
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+def test_there_are_configs():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"fmnist.yaml", "in100.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads_strictly(path):
+    cfg = load_config(path)
+    assert cfg["data.name"] and cfg["data.source"]
+    text = open(path).read()
+    assert text.startswith("#"), "each config starts with a header: purpose, command, expected result"
+
+
+def test_embedded_default_config_equals_builtin_defaults():
+    assert as_dict(load_config(os.path.join(REPO, "configs", "fmnist.yaml"))) == as_dict(load_config(None))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_unknown_yaml_key_fails_naming_it(tmp_path, path):
+    tree = yaml.safe_load(open(path))
+    tree.setdefault("writer", {})["jpeg_qualty"] = 80  # a typo
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match="unknown config file key 'writer.jpeg_qualty'"):
+        load_config(bad)
+
+
+def test_unknown_section_and_cli_key_fail(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dta:\n  name: x\n")
+    with pytest.raises(ConfigError, match="'dta.name'.*known sections: data, writer"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown command line key 'data.nam'"):
+        load_config(None, ["--data.nam=x"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        load_config(None, ["--verbose"])
+
+
+@pytest.mark.parametrize("text,value", [("False", False), ("false", False), ("0", False), ("no", False),
+                                        ("True", True), ("1", True), ("yes", True)])
+def test_booleans_parse_safely_from_cli(text, value):
+    assert load_config(None, [f"--writer.overwrite={text}"])["writer.overwrite"] is value
+
+
+@pytest.mark.parametrize("yaml_value,value", [("false", False), ("False", False), ("0", False), ("true", True),
+                                              ("1", True)])
+def test_booleans_parse_safely_from_yaml(tmp_path, yaml_value, value):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"writer:\n  overwrite: {yaml_value}\n")
+    assert load_config(f)["writer.overwrite"] is value
+
+
+@pytest.mark.parametrize("key,bad", [("writer.overwrite", "2"), ("writer.overwrite", "maybe"),
+                                     ("writer.workers", "0.5"), ("writer.workers", "2.0"),
+                                     ("writer.workers", "two"), ("writer.workers", "0"),
+                                     ("writer.compress_probability", "abc"),
+                                     ("writer.compress_probability", "1.5"),
+                                     ("writer.compress_probability", "nan"),
+                                     ("writer.write_mode", "png"), ("data.source", "cifar")])
+def test_bad_values_fail_naming_key(key, bad):
+    with pytest.raises(ConfigError, match=f"bad value for '{key}'"):
+        load_config(None, [f"--{key}={bad}"])
+
+
+def test_yaml_types_are_not_coerced_silently(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("writer:\n  workers: 0.5\n")
+    with pytest.raises(ConfigError, match="writer.workers"):
+        load_config(f)
+    f.write_text("writer:\n  workers: true\n")
+    with pytest.raises(ConfigError, match="writer.workers"):
+        load_config(f)
+    f.write_text("writer:\n  compress_probability: 1\n")
+    assert load_config(f)["writer.compress_probability"] == 1.0  # an int is a fine float
+    assert load_config(None, ["--writer.compress_probability=0.25"])["writer.compress_probability"] == 0.25
+
+
+def test_cli_overrides_yaml_and_accepts_both_forms(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("writer:\n  workers: 3\n  jpeg_quality: 70\n")
+    cfg = load_config(f, ["--writer.workers=5", "--writer.jpeg_quality", "80"])
+    assert (cfg["writer.workers"], cfg["writer.jpeg_quality"]) == (5, 80)
+
+
+@pytest.mark.parametrize("text,match", [("- a\n- b\n", "must hold sections"), ("writer: [1\n", "not valid YAML"),
+                                        ("writer:\n  workers:\n", "has no value")])
+def test_malformed_files_fail(tmp_path, text, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(f)
+
+
+def test_missing_file_fails():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_page_size_must_be_power_of_two(tmp_path):
+    from write_ffcv import write_split
+    cfg = load_config(None, ["--data.source=synthetic", f"--data.beton_dir={tmp_path}", "--writer.page_size_mib=3"])
+    with pytest.raises(ConfigError, match="power of 2"):
+        write_split(cfg, "train", log=lambda *_: None)

@@ -1,0 +1,341 @@
+"""write_ffcv.py: round trips, the ImageNet-100 filter, bad inputs, atomic writes, the CLI."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config import FASHION_MNIST_DIR
+from conftest import REPO, make_cfg, read_beton, save_image, wnid_colour
+
+import write_ffcv
+from write_ffcv import SourceError, Synthetic, beton_path, write_split
+
+PY = sys.executable
+
+
+def quiet(*_):
+    pass
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / mse)
+
+
+# --------------------------------------------------------------------------------------------------- round trips
+
+def test_raw_round_trip_is_exact_with_labels(tmp_path):
+    cfg = make_cfg(tmp_path, data__source="synthetic", data__synthetic_images=40, data__synthetic_classes=7)
+    summary = write_split(cfg, "train", log=quiet)
+    images, labels = read_beton(summary["path"])
+    source = Synthetic("train", 40, 24, 64, 7, 0)
+    assert summary["written"] == len(images) == 40
+    assert len({img.shape for img in images}) > 1  # varying sizes really were exercised
+    for i, (img, label) in enumerate(zip(images, labels)):
+        np.testing.assert_array_equal(img, source.image(i))
+        assert label == source.label(i)
+
+
+def test_shuffle_keeps_every_sample_once(tmp_path):
+    cfg = make_cfg(tmp_path, data__source="synthetic", data__synthetic_images=30, writer__shuffle=1,
+                   writer__seed=3)
+    images, labels = read_beton(write_split(cfg, "train", log=quiet)["path"])
+    source = Synthetic("train", 30, 24, 64, 10, 3)
+    originals = [source.image(i).tobytes() for i in range(30)]
+    order = [originals.index(img.tobytes()) for img in images]
+    assert sorted(order) == list(range(30)) and order != list(range(30))
+    assert labels == [source.label(i) for i in order]
+
+
+# Stated bound: the synthetic images (noise of sigma 8, hard colour edges) lose most to OpenCV's 4:2:0 chroma
+# subsampling, so at quality 90 we ask for >= 27.5 dB on average and >= 24 dB for every image (measured:
+# 28.3 / 24.6); quality 50 must be worse on average than quality 90.
+JPEG_MEAN_PSNR_DB, JPEG_MIN_PSNR_DB = 27.5, 24.0
+
+
+def _jpg_psnrs(tmp_path, quality):
+    cfg = make_cfg(tmp_path / f"q{quality}", data__source="synthetic", data__synthetic_images=20,
+                   writer__write_mode="jpg", writer__jpeg_quality=quality)
+    images, labels = read_beton(write_split(cfg, "train", log=quiet)["path"])
+    source = Synthetic("train", 20, 24, 64, 10, 0)
+    assert labels == [source.label(i) for i in range(20)]
+    out = []
+    for i, img in enumerate(images):
+        ref = source.image(i)
+        assert img.shape == ref.shape
+        assert not np.array_equal(img, ref)  # really was JPEG-compressed
+        out.append(psnr(img, ref))
+    return np.array(out)
+
+
+def test_jpg_round_trip_within_psnr(tmp_path):
+    q90 = _jpg_psnrs(tmp_path, 90)
+    assert q90.mean() >= JPEG_MEAN_PSNR_DB and q90.min() >= JPEG_MIN_PSNR_DB
+    assert _jpg_psnrs(tmp_path, 50).mean() < q90.mean()
+
+
+def test_max_resolution_shrinks_longest_side(tmp_path):
+    cfg = make_cfg(tmp_path, data__source="synthetic", data__synthetic_images=12, data__synthetic_min_size=40,
+                   data__synthetic_max_size=90, writer__max_resolution=0)
+    src = Synthetic("train", 12, 40, 90, 10, 0)
+    tree = tmp_path / "tree"
+    for i in range(12):
+        for split in ("train", "val"):
+            save_image(tree / split / f"n{i % 3:08d}" / f"{i}.png", src.image(i))
+    cfg = make_cfg(tmp_path, data__source="imagefolder", data__root=tree, writer__max_resolution=32)
+    images, _ = read_beton(write_split(cfg, "train", log=quiet)["path"])
+    assert all(max(img.shape[:2]) == 32 for img in images)
+
+
+@pytest.mark.timeout(120)
+def test_ffcv_loader_reads_the_beton(tmp_path):
+    """The real FFCV Loader returns the stored pixels and labels (fixed size, so SimpleRGBImageDecoder applies)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    cfg = make_cfg(tmp_path, data__source="synthetic", data__synthetic_images=24, data__synthetic_min_size=20,
+                   data__synthetic_max_size=20)
+    path = write_split(cfg, "train", log=quiet)["path"]
+    loader = Loader(path, batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    source = Synthetic("train", 24, 20, 20, 10, 0)
+    seen = 0
+    for images, labels in loader:
+        for img, label in zip(images.numpy(), labels.numpy().reshape(-1)):
+            np.testing.assert_array_equal(img, source.image(seen))
+            assert label == source.label(seen)
+            seen += 1
+    assert seen == 24
+
+
+# --------------------------------------------------------------------------------------------------- ImageNet-100
+
+def test_imagenet100_filter_keeps_the_listed_classes_with_sorted_labels(tmp_path):
+    wnids = [line.strip() for line in open(os.path.join(REPO, "data", "imagenet100_classes.txt")) if line.strip()]
+    assert len(wnids) == 100
+    extra = ["n99999998", "n99999999"]
+    colours = {w: wnid_colour(w) for w in wnids + extra}
+    assert len({c.tobytes() for c in colours.values()}) == 102
+    tree = tmp_path / "imagenet"
+    for w in wnids + extra:
+        for split, n in (("train", 2), ("val", 1)):
+            for k in range(n):
+                save_image(tree / split / w / f"{w}_{k}.JPEG", np.tile(colours[w], (6, 5 + k, 1)), format="PNG")
+    cfg = make_cfg(tmp_path, data__source="imagenet100", data__root=tree)
+    for split, per_class in (("train", 2), ("val", 1)):
+        images, labels = read_beton(write_split(cfg, split, log=quiet)["path"])
+        assert len(images) == 100 * per_class
+        by_colour = {c.tobytes(): w for w, c in colours.items()}
+        found = [by_colour[img[0, 0].tobytes()] for img in images]
+        assert not set(found) & set(extra)
+        assert sorted(set(found)) == sorted(wnids)
+        assert labels == [sorted(wnids).index(w) for w in found]  # documented: labels in sorted wnid order
+
+
+def test_imagefolder_uses_every_train_class(tmp_path):
+    tree = tmp_path / "in"
+    for w in ("n02", "n01", "n03"):
+        for split in ("train", "val"):
+            save_image(tree / split / w / "a.png", np.tile(wnid_colour(w), (4, 4, 1)))
+    (tree / "train" / "n01" / "README.txt").write_text("not an image")
+    summary = write_split(make_cfg(tmp_path, data__source="imagefolder", data__root=tree), "train", log=quiet)
+    images, labels = read_beton(summary["path"])
+    assert labels == [0, 1, 2] and summary["ignored_files"] == 1
+    assert [img[0, 0].tolist() for img in images] == [wnid_colour(w).tolist() for w in ("n01", "n02", "n03")]
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+def _jpeg_bytes(array, **kwargs):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def test_bad_files_are_converted_or_skipped_and_listed(tmp_path):
+    rng = np.random.default_rng(0)
+    tree = tmp_path / "in"
+    good = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    c = tree / "train" / "n0"
+    save_image(c / "good.png", good)
+    (c / "random_bytes.JPEG").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (c / "empty.jpg").write_bytes(b"")
+    (c / "truncated.jpg").write_bytes(_jpeg_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))[:600])
+    (c / "unreadable.png").write_bytes(good.tobytes())
+    os.makedirs(tree / "train" / "n1")
+    cmyk = Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), mode="CMYK")
+    cmyk.save(tree / "train" / "n1" / "cmyk.jpg", quality=100)
+    gray = rng.integers(0, 256, (17, 13), dtype=np.uint8)
+    save_image(tree / "train" / "n1" / "gray.jpg", gray, quality=100)
+    g16 = (rng.integers(0, 65536, (9, 11))).astype(np.uint16)
+    Image.fromarray(g16).save(tree / "train" / "n1" / "gray16.png")
+    pal = Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).quantize(16)
+    pal.info["transparency"] = 0
+    pal.save(tree / "train" / "n1" / "palette.png", transparency=0)
+    save_image(tree / "train" / "n1" / "huge.png", np.zeros((300, 400, 3), np.uint8) + 7)
+    save_image(tree / "train" / "n1" / "large.jpg", rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    for w in ("n0", "n1"):
+        save_image(tree / "val" / w / "v.png", good)
+
+    cfg = make_cfg(tmp_path, data__source="imagefolder", data__root=tree, writer__max_pixels=100_000,
+                   writer__max_resolution=64)
+    summary = write_split(cfg, "train", log=quiet)
+    bad = {"random_bytes.JPEG", "empty.jpg", "truncated.jpg", "unreadable.png", "huge.png"}
+    assert summary["skipped"] == len(bad) and summary["written"] == 6
+    listed = open(summary["path"] + ".skipped.txt").read().splitlines()
+    assert sorted(os.path.basename(line.split("\t")[0]) for line in listed) == sorted(bad)
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in listed)
+    assert "too large" in [line for line in listed if "huge.png" in line][0]
+
+    images, labels = read_beton(summary["path"])
+    assert labels == [0] + [1] * 5
+    np.testing.assert_array_equal(images[0], good)
+    by_name = dict(zip(["cmyk", "gray", "gray16", "large", "palette"], images[1:6]))  # sorted file order
+    ref_cmyk = np.asarray(Image.open(tree / "train" / "n1" / "cmyk.jpg").convert("RGB"))
+    np.testing.assert_array_equal(by_name["cmyk"], ref_cmyk)
+    ref_gray = np.asarray(Image.open(tree / "train" / "n1" / "gray.jpg"))
+    np.testing.assert_array_equal(by_name["gray"], np.stack([ref_gray] * 3, axis=2))
+    np.testing.assert_array_equal(by_name["gray16"], np.stack([(g16 >> 8).astype(np.uint8)] * 3, axis=2))
+    np.testing.assert_array_equal(by_name["palette"], np.asarray(pal.convert("RGB")))
+    assert max(by_name["large"].shape[:2]) == 64 and by_name["large"].shape[2] == 3
+
+
+def test_verify_off_fails_cleanly_on_a_bad_file_instead_of_hanging(tmp_path):
+    tree = tmp_path / "in"
+    for split in ("train", "val"):
+        save_image(tree / split / "n0" / "good.png", np.zeros((8, 8, 3), np.uint8))
+    (tree / "train" / "n0" / "bad.jpg").write_bytes(b"not a jpeg at all")
+    cfg = make_cfg(tmp_path, data__source="imagefolder", data__root=tree, writer__verify=0)
+    with pytest.raises(RuntimeError, match="writer process died"):
+        write_split(cfg, "train", log=quiet)
+    out = beton_path(cfg, "train")
+    assert not os.path.exists(out)
+    assert not [f for f in os.listdir(os.path.dirname(out)) if ".tmp-" in f]
+
+
+def _run_cli(*args, timeout=120):
+    return subprocess.run([PY, os.path.join(REPO, "write_ffcv.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("case", ["missing_root", "empty_class", "list_mismatch", "val_mismatch",
+                                  "missing_val", "duplicate_in_list", "fashion_missing"])
+def test_unwritable_datasets_give_one_error_line_and_exit_nonzero(tmp_path, case):
+    tree = tmp_path / "in"
+    for split in ("train", "val"):
+        for w in ("n1", "n2"):
+            save_image(tree / split / w / "a.png", np.zeros((4, 4, 3), np.uint8))
+    class_list = tmp_path / "classes.txt"
+    class_list.write_text("n1\nn2\n")
+    args = ["--data.source=imagefolder", f"--data.root={tree}"]
+    expect = {"missing_root": "dataset root not found", "empty_class": "empty class folder",
+              "list_mismatch": "missing in", "val_mismatch": "different class folders",
+              "missing_val": "missing folder", "duplicate_in_list": "repeats n2",
+              "fashion_missing": "apt-get install dataset-fashion-mnist"}[case]
+    if case == "missing_root":
+        args = ["--data.source=imagefolder", f"--data.root={tmp_path / 'nowhere'}"]
+    elif case == "empty_class":
+        os.makedirs(tree / "train" / "n3")
+        os.makedirs(tree / "val" / "n3")
+    elif case == "list_mismatch":
+        class_list.write_text("n1\nn2\nn7\n")
+        args = ["--data.source=imagenet100", f"--data.root={tree}", f"--data.class_list={class_list}"]
+    elif case == "duplicate_in_list":
+        class_list.write_text("n1\nn2\nn2\n")
+        args = ["--data.source=imagenet100", f"--data.root={tree}", f"--data.class_list={class_list}"]
+    elif case == "val_mismatch":
+        os.rename(tree / "val" / "n2", tree / "val" / "n9")
+    elif case == "missing_val":
+        os.rename(tree / "val", tree / "validation")
+    elif case == "fashion_missing":
+        args = ["--data.source=fashion_mnist", f"--data.root={tmp_path}"]
+    split = "val" if case in ("val_mismatch", "missing_val") else "train"
+    res = _run_cli("--split", split, *args, f"--data.beton_dir={tmp_path / 'out'}")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("write_ffcv.py: error:") and expect in lines[0], res.stderr
+    assert not os.path.exists(tmp_path / "out" / "fmnist_train.beton")
+
+
+def test_bad_option_is_an_error(tmp_path):
+    res = _run_cli("--split", "train", "--writer.write_mod=raw")
+    assert res.returncode == 2 and "unknown command line key 'writer.write_mod'" in res.stderr
+
+
+# --------------------------------------------------------------------------------------------------- nothing lost
+
+def test_existing_beton_is_kept_unless_overwrite(tmp_path):
+    args = ["--data.source=synthetic", "--data.synthetic_images=8", f"--data.beton_dir={tmp_path}"]
+    first = _run_cli("--split", "train", *args)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "fmnist_train.beton"
+    assert first.stdout.strip().splitlines()[-1] == str(out)  # the output path is printed last
+    before = out.read_bytes()
+    again = _run_cli("--split", "train", *args, "--writer.seed=5")
+    assert again.returncode == 2 and "--writer.overwrite=1" in again.stderr
+    assert out.read_bytes() == before
+    forced = _run_cli("--split", "train", *args, "--writer.seed=5", "--writer.overwrite=1")
+    assert forced.returncode == 0, forced.stderr
+    assert out.read_bytes() != before
+
+
+@pytest.mark.timeout(180)
+def test_killed_write_leaves_nothing_at_the_final_path(tmp_path):
+    """SIGKILL while writing: no beton appears, and an older beton at that path survives untouched."""
+    out = tmp_path / "fmnist_train.beton"
+    for keep_old in (False, True):
+        if keep_old:
+            out.write_bytes(b"old beton")
+        proc = subprocess.Popen([PY, os.path.join(REPO, "write_ffcv.py"), "--split", "train",
+                                 "--data.source=synthetic", "--data.synthetic_images=200000",
+                                 "--data.synthetic_min_size=64", "--data.synthetic_max_size=96",
+                                 f"--data.beton_dir={tmp_path}", "--writer.overwrite=1", "--writer.workers=1"],
+                                cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(".tmp-" in f and os.path.getsize(tmp_path / f) > 1 << 20
+                                                 for f in os.listdir(tmp_path)):
+            assert proc.poll() is None, "writer ended before it could be interrupted"
+            time.sleep(0.05)
+        assert proc.poll() is None, "no temporary beton appeared in time"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if keep_old:
+            assert out.read_bytes() == b"old beton"
+        else:
+            assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------- embedded data
+
+@pytest.mark.timeout(300)
+def test_fashion_mnist_source_reads_the_debian_package():
+    train = write_ffcv.FashionMNIST(FASHION_MNIST_DIR, "train", 32)
+    val = write_ffcv.FashionMNIST(FASHION_MNIST_DIR, "val", 0)
+    assert (len(train), len(val)) == (60000, 10000)
+    assert sorted(set(train.labels.tolist())) == list(range(10))
+    assert np.bincount(val.labels).tolist() == [1000] * 10  # the test set is balanced
+    img = train.image(0)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+    assert val.image(5).shape == (28, 28, 3) and val.image(5).max() > 0
+
+
+def test_synthetic_sources_differ_between_splits():
+    a, b = Synthetic("train", 8, 24, 64, 10, 0), Synthetic("val", 8, 24, 64, 10, 0)
+    assert len(a) == 8 and len(b) == 2
+    assert a.image(0).tobytes() != b.image(0).tobytes()
+    assert a.image(3).tobytes() == Synthetic("train", 8, 24, 64, 10, 0).image(3).tobytes()  # deterministic
+
+
+def test_source_error_for_inverted_synthetic_sizes(tmp_path):
+    cfg = make_cfg(tmp_path, data__source="synthetic", data__synthetic_min_size=50, data__synthetic_max_size=10)
+    with pytest.raises(SourceError, match="synthetic_min_size"):
+        write_split(cfg, "train", log=quiet)

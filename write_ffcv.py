@@ -1,0 +1,421 @@
+"""Write a dataset split to an FFCV .beton (fields: image = RGBImageField, label = IntField).
+
+    python write_ffcv.py --split train                      # the embedded default: Fashion-MNIST
+    python write_ffcv.py --split val --config configs/in100.yaml --data.root=/datasets/imagenet
+
+Sources (config `data.source`):
+  fashion_mnist  Debian's dataset-fashion-mnist (60k train / 10k val), grayscale -> RGB, resized to data.image_size
+  imagenet100    ROOT/{train,val}/<wnid>/* restricted to the wnids of data.class_list
+  imagefolder    ROOT/{train,val}/<wnid>/* with every class folder of ROOT/train (ImageNet-1K)
+  synthetic      small random images of varying size, deterministic in (seed, split, index); for tests
+Labels of folder sources are 0..K-1 in sorted wnid order (what torchvision's ImageFolder gives), taken from
+ROOT/train so that train and val always agree.
+
+Nothing is lost: files that cannot be decoded are skipped, counted and listed in <beton>.skipped.txt; the beton is
+written to a temporary file beside the target and renamed only when complete.
+"""
+import argparse
+import gzip
+import multiprocessing
+import os
+import queue
+import sys
+import time
+from ctypes import c_uint64
+from multiprocessing import Process, Queue, Value
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from config import ConfigError, load_config
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val")
+Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check is replaced by writer.max_pixels (skip and list, not crash)
+
+
+class SourceError(ValueError):
+    """A dataset that cannot be written at all (missing root, empty class, class list mismatch)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image loading: any file PIL opens -> HxWx3 uint8 RGB, longest side <= max_resolution.
+
+def resize_max_side(img, max_resolution):
+    """Shrinks (never enlarges) so that the longest side is <= max_resolution; 0 means no limit."""
+    h, w = img.shape[:2]
+    if max_resolution <= 0 or max(h, w) <= max_resolution:
+        return img
+    scale = max_resolution / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def load_image(path, max_resolution=0, max_pixels=178_956_970):
+    """Decodes one file. Raises ValueError/OSError with a short reason for files that must be skipped."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"too large: {w}x{h} pixels > writer.max_pixels={max_pixels}")
+        if im.format == "JPEG" and max_resolution > 0:
+            # DCT-domain downscaling while decoding; keeps both sides >= max_resolution, then INTER_AREA.
+            im.draft(im.mode, (max_resolution, max_resolution))
+        im.load()  # full decode: a truncated or corrupt file raises here
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale PNG/TIFF: keep the high byte instead of clipping at 255
+            arr = np.asarray(im, dtype=np.uint32) >> 8
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+            rgb = np.repeat(arr[:, :, None], 3, axis=2)
+        elif im.mode == "F":
+            raise ValueError("floating-point image mode F is not supported")
+        else:
+            # CMYK, L, LA, P (palette, with or without transparency), RGBA, YCbCr -> RGB
+            rgb = np.asarray(im.convert("RGB"))
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"unexpected decoded shape {rgb.shape}")
+    return np.ascontiguousarray(resize_max_side(rgb, max_resolution))
+
+
+def _check_file(args):
+    path, max_resolution, max_pixels = args
+    try:
+        load_image(path, max_resolution, max_pixels)
+        return None
+    except Exception as e:  # any reason to skip is recorded, never raised: one bad file must not stop a write
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources. Each has: __len__, label(i), image(i) -> HxWx3 uint8, and `paths` (a list, or None when in memory).
+
+class FashionMNIST:
+    FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    paths = None
+
+    def __init__(self, root, split, image_size):
+        image_file, label_file = (os.path.join(root, f) for f in self.FILES[split])
+        for f in (image_file, label_file):
+            if not os.path.isfile(f):
+                raise SourceError(f"Fashion-MNIST file not found: {f} — install it with "
+                                  f"'apt-get install dataset-fashion-mnist' (make setup does), or set data.root")
+        self.images = self._read_idx(image_file, magic=2051)  # [N, 28, 28] uint8
+        self.labels = self._read_idx(label_file, magic=2049).astype(np.int64)  # [N]
+        if len(self.images) != len(self.labels):
+            raise SourceError(f"Fashion-MNIST {split}: {len(self.images)} images but {len(self.labels)} labels")
+        self.image_size = image_size
+
+    @staticmethod
+    def _read_idx(path, magic):
+        with gzip.open(path, "rb") as fh:
+            data = fh.read()
+        header = np.frombuffer(data, dtype=">u4", count=1)[0]
+        if header != magic:
+            raise SourceError(f"{path} is not an IDX file of the expected kind (magic {header}, expected {magic})")
+        ndim = magic & 0xFF
+        dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def label(self, i):
+        return int(self.labels[i])
+
+    def image(self, i):
+        img = self.images[i]
+        if self.image_size and self.image_size != img.shape[0]:
+            img = cv2.resize(img, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+
+
+class ImageFolderTree:
+    """ROOT/<split>/<wnid>/<file>. classes: the wnids to keep (None = every folder of ROOT/train)."""
+
+    def __init__(self, root, split, classes=None, max_resolution=0, max_pixels=178_956_970):
+        if not os.path.isdir(root):
+            raise SourceError(f"dataset root not found: {root} (set data.root)")
+        train_dir, split_dir = os.path.join(root, "train"), os.path.join(root, split)
+        for d in (train_dir, split_dir):
+            if not os.path.isdir(d):
+                raise SourceError(f"missing folder {d}: expected ImageNet layout ROOT/train/<wnid>/, ROOT/val/<wnid>/")
+        train_classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+        split_classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+        if classes is None:
+            classes = train_classes
+            if not classes:
+                raise SourceError(f"no class folders in {train_dir}")
+            if split_classes != train_classes:
+                diff = sorted(set(train_classes) ^ set(split_classes))
+                raise SourceError(f"{split_dir} and {train_dir} have different class folders "
+                                  f"({len(diff)} differ, e.g. {', '.join(diff[:3])}); "
+                                  f"val must be in <wnid>/ folders like train")
+        else:
+            for d, present in ((train_dir, set(train_classes)), (split_dir, set(split_classes))):
+                missing = [c for c in classes if c not in present]
+                if missing:
+                    raise SourceError(f"{len(missing)} classes of the class list are missing in {d}, "
+                                      f"e.g. {', '.join(missing[:3])}")
+            classes = sorted(classes)
+        self.classes = classes
+        self.paths, labels, self.ignored = [], [], 0
+        for label, wnid in enumerate(classes):
+            class_dir = os.path.join(split_dir, wnid)
+            files = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and not e.name.startswith("."))
+            images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+            self.ignored += len(files) - len(images)
+            if not images:
+                raise SourceError(f"empty class folder: {class_dir} has no image files")
+            self.paths += [os.path.join(class_dir, f) for f in images]
+            labels += [label] * len(images)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.max_resolution, self.max_pixels = max_resolution, max_pixels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def label(self, i):
+        return int(self.labels[i])
+
+    def image(self, i):
+        try:
+            return load_image(self.paths[i], self.max_resolution, self.max_pixels)
+        except Exception as e:
+            raise RuntimeError(f"cannot decode {self.paths[i]}: {e} (writer.verify=1 skips such files)") from e
+
+
+def read_class_list(path):
+    """A file of wnids, one per line ('#' comments and blank lines allowed); duplicates are an error."""
+    if not os.path.isfile(path):
+        raise SourceError(f"class list not found: {path}")
+    wnids = []
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if len(line.split()) != 1:
+                raise SourceError(f"{path}:{line_no}: expected one wnid per line, got '{line}'")
+            wnids.append(line)
+    if not wnids:
+        raise SourceError(f"class list {path} is empty")
+    dups = sorted({w for w in wnids if wnids.count(w) > 1})
+    if dups:
+        raise SourceError(f"class list {path} repeats {', '.join(dups[:3])}")
+    return wnids
+
+
+class Synthetic:
+    """Deterministic random images: a class-coloured rectangle on a smooth background, plus noise."""
+    paths = None
+
+    def __init__(self, split, n, min_size, max_size, classes, seed):
+        if min_size > max_size:
+            raise SourceError(f"data.synthetic_min_size={min_size} > data.synthetic_max_size={max_size}")
+        self.n = n if split == "train" else max(1, n // 4)
+        self.min_size, self.max_size, self.classes = min_size, max_size, classes
+        self.seed = seed * 2 + SPLITS.index(split)
+
+    def __len__(self):
+        return self.n
+
+    def label(self, i):
+        return i % self.classes
+
+    def image(self, i):
+        return synthetic_image(self.seed, i, self.min_size, self.max_size, self.label(i), self.classes)
+
+
+def synthetic_image(seed, i, min_size, max_size, label, classes):
+    rng = np.random.default_rng([seed, i])
+    h, w = rng.integers(min_size, max_size + 1, size=2)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(0, 255, size=3).astype(np.float32)
+    img = base + 40 * np.sin(xx[..., None] / rng.uniform(3, 9) + yy[..., None] / rng.uniform(3, 9))
+    colour = np.array([np.cos(2 * np.pi * label / classes), np.sin(2 * np.pi * label / classes), 0.0]) * 100 + 128
+    y0, x0 = rng.integers(0, h // 2 + 1), rng.integers(0, w // 2 + 1)
+    img[y0:y0 + h // 2, x0:x0 + w // 2] = colour
+    img += rng.normal(0, 8, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_source(cfg, split):
+    source = cfg["data.source"]
+    if source == "fashion_mnist":
+        return FashionMNIST(cfg["data.root"], split, cfg["data.image_size"])
+    if source == "synthetic":
+        return Synthetic(split, cfg["data.synthetic_images"], cfg["data.synthetic_min_size"],
+                         cfg["data.synthetic_max_size"], cfg["data.synthetic_classes"], cfg["writer.seed"])
+    classes = read_class_list(cfg["data.class_list"]) if source == "imagenet100" else None
+    return ImageFolderTree(cfg["data.root"], split, classes, cfg["writer.max_resolution"], cfg["writer.max_pixels"])
+
+
+def beton_path(cfg, split):
+    """Where `split` of this config lives; the trainer reads the same path."""
+    return os.path.join(cfg["data.beton_dir"], f"{cfg['data.name']}_{split}.beton")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing.
+
+class _Samples:
+    """What FFCV's writer processes index: (image, label) for the kept indices of a source."""
+
+    def __init__(self, source, indices, seed):
+        self.source, self.indices, self.seed = source, indices, seed
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = int(self.indices[k])
+        np.random.seed((self.seed * 1_000_003 + i) % 2**32)  # 'proportion' draws np.random: same beton every run
+        return self.source.image(i), self.source.label(i)
+
+
+def _make_writer_class():
+    from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
+
+    class SafeDatasetWriter(DatasetWriter):
+        """FFCV's writer waits forever when a writer process dies; this one raises instead."""
+
+        def from_indexed_dataset(self, dataset, chunksize=100):
+            indices = list(enumerate(range(len(dataset))))
+            chunks = [indices[i:i + chunksize] for i in range(0, len(indices), chunksize)]
+            self._write_checked(len(indices), chunks, worker_job_indexed_dataset, (dataset,))
+
+        def _write_checked(self, num_samples, chunks, work_fn, extra_args):
+            from tqdm import tqdm
+            from ffcv.memory_allocator import MemoryAllocator
+            self.num_samples = num_samples
+            self.prepare()
+            try:
+                work, allocations = Queue(), Queue()
+                for chunk in chunks:
+                    work.put(chunk)
+                for _ in range(self.num_workers):
+                    work.put(None)
+                done = Value(c_uint64, 0)
+                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+                args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
+                        *extra_args)
+                procs = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+                for p in procs:
+                    p.start()
+                allocation_list, finished = [], 0
+                with tqdm(total=num_samples, desc="write", unit="img", file=sys.stderr, disable=None) as bar:
+                    while finished < len(procs):
+                        try:  # each process sends its allocations once, when it is done
+                            allocation_list.extend(allocations.get(timeout=0.1))
+                            finished += 1
+                        except queue.Empty:
+                            dead = [p for p in procs if p.exitcode not in (None, 0)]
+                            if dead:
+                                for p in procs:
+                                    p.terminate()
+                                raise RuntimeError(f"a writer process died (exit code {dead[0].exitcode}); "
+                                                   f"its error is printed above")
+                        bar.update(done.value - bar.n)
+                for p in procs:
+                    p.join()
+                self.finalize(allocation_list)
+            finally:
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
+
+    return SafeDatasetWriter
+
+
+def _fields(cfg):
+    from ffcv.fields import IntField, RGBImageField
+    return {"image": RGBImageField(write_mode=cfg["writer.write_mode"], max_resolution=None,
+                                   smart_threshold=cfg["writer.smart_threshold"],
+                                   jpeg_quality=cfg["writer.jpeg_quality"],
+                                   compress_probability=cfg["writer.compress_probability"]),
+            "label": IntField()}
+
+
+def _atomic_write_text(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_split(cfg, split, log=print):
+    """Writes one split and returns a summary dict. Raises SourceError/RuntimeError on what cannot be written."""
+    page_mib = cfg["writer.page_size_mib"]
+    if page_mib & (page_mib - 1):
+        raise ConfigError(f"bad value for 'writer.page_size_mib': {page_mib} (expected a power of 2)")
+    out = beton_path(cfg, split)
+    if os.path.exists(out) and not cfg["writer.overwrite"]:
+        raise FileExistsError(f"{out} exists; pass --writer.overwrite=1 to replace it")
+    t0 = time.perf_counter()
+    source = make_source(cfg, split)
+    workers = cfg["writer.workers"]
+    keep, skipped = np.arange(len(source)), []
+    if source.paths is not None and cfg["writer.verify"]:
+        keep, skipped = _verify(source, workers, cfg["writer.max_resolution"], cfg["writer.max_pixels"])
+    if len(keep) == 0:
+        raise SourceError(f"no readable images in {split}: all {len(skipped)} files were skipped")
+    if cfg["writer.shuffle"]:
+        keep = np.random.default_rng(cfg["writer.seed"]).permutation(keep)
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    writer_class = _make_writer_class()
+    try:
+        writer = writer_class(tmp, _fields(cfg), page_size=page_mib << 20, num_workers=workers)
+        writer.from_indexed_dataset(_Samples(source, keep, cfg["writer.seed"]), chunksize=cfg["writer.chunk_size"])
+        os.replace(tmp, out)  # atomic: the final path holds either nothing (or the old beton) or a complete one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    sidecar = out + ".skipped.txt"
+    if skipped:
+        _atomic_write_text(sidecar, "".join(f"{p}\t{why}\n" for p, why in skipped))
+    elif os.path.exists(sidecar):
+        os.remove(sidecar)  # stale list from an earlier write of this path
+    seconds = time.perf_counter() - t0
+    summary = {"split": split, "path": out, "written": int(len(keep)), "skipped": len(skipped),
+               "ignored_files": getattr(source, "ignored", 0), "bytes": os.path.getsize(out),
+               "seconds": seconds, "img_per_s": len(keep) / seconds}
+    log(f"{split}: wrote {summary['written']} images, skipped {summary['skipped']}"
+        + (f" (listed in {sidecar})" if skipped else "")
+        + (f", ignored {summary['ignored_files']} non-image files" if summary["ignored_files"] else "")
+        + f", {summary['bytes'] / 2**20:.1f} MiB in {seconds:.1f} s ({summary['img_per_s']:.0f} img/s)")
+    log(out)
+    return summary
+
+
+def _verify(source, workers, max_resolution, max_pixels):
+    """Decodes every file once in `workers` processes; returns (indices to keep, [(path, reason)] skipped)."""
+    from tqdm import tqdm
+    jobs = [(p, max_resolution, max_pixels) for p in source.paths]
+    chunk = max(1, min(256, len(jobs) // (workers * 8) or 1))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        reasons = list(tqdm(pool.imap(_check_file, jobs, chunksize=chunk), total=len(jobs), desc="verify",
+                            unit="img", file=sys.stderr, disable=None))
+    keep = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
+    skipped = [(source.paths[i], r) for i, r in enumerate(reasons) if r is not None]
+    return keep, skipped
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="Any --section.key=value overrides the config; see configs/*.yaml.")
+    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--config", help="YAML config (default: the embedded Fashion-MNIST default)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        write_split(cfg, args.split)
+    except (ConfigError, SourceError, FileExistsError, RuntimeError) as e:
+        print(f"write_ffcv.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
