@@ -1,0 +1,73 @@
+"""MultiViewRandomResizedCropDecoder: one decode, V views, each equal to what FFCV's own decoder makes."""
+import numpy as np
+import pytest
+
+from conftest import make_cfg
+from multiview_decoder import MultiViewRandomResizedCropDecoder
+from write_ffcv import write_split
+
+H = 30  # side of the square images of the fixed-size betons
+
+
+def _beton(tmp_path, mode, n=16, min_size=None, max_size=None):
+    cfg = make_cfg(tmp_path / mode, data__source="synthetic", data__synthetic_images=n, writer__write_mode=mode,
+                   data__synthetic_min_size=min_size or H, data__synthetic_max_size=max_size or H)
+    return write_split(cfg, "train", log=lambda *_: None)["path"]
+
+
+def _load_all(path, decoder, batch_size=8):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    loader = Loader(path, batch_size=batch_size, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    return np.concatenate([images.numpy() for images, _ in loader])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_views_equal_ffcv_single_view_decoder(tmp_path, mode, flip_prob):
+    """With a crop that must cover the whole image, every view equals FFCV's RandomResizedCrop (flipped or not)."""
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    path = _beton(tmp_path, mode)
+    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))  # square images: scale 1 and ratio 1 crop everything
+    multi = _load_all(path, MultiViewRandomResizedCropDecoder((13, 11), num_views=3, flip_prob=flip_prob, **whole))
+    single = _load_all(path, RandomResizedCropRGBImageDecoder((13, 11), **whole))
+    assert multi.shape == (16, 3, 13, 11, 3) and single.shape == (16, 13, 11, 3)
+    expected = single[:, :, ::-1] if flip_prob == 1.0 else single
+    for v in range(3):
+        np.testing.assert_array_equal(multi[:, v], expected)
+
+
+@pytest.mark.timeout(180)
+def test_views_are_independent_per_sample(tmp_path):
+    path = _beton(tmp_path, "raw", n=64, min_size=24, max_size=64)
+    views = _load_all(path, MultiViewRandomResizedCropDecoder((16, 16), num_views=2, scale=(0.08, 1.0)), 16)
+    assert views.shape == (64, 2, 16, 16, 3)
+    same = [np.array_equal(v[0], v[1]) for v in views]
+    assert sum(same) <= 2  # two random crops of one image almost never coincide
+    # per-sample draws: the first views of one batch are not all cut from the same relative window
+    firsts = views[:16, 0].reshape(16, -1).astype(np.float64)
+    assert len({tuple(np.round(f[:6])) for f in firsts}) > 8
+
+
+@pytest.mark.timeout(180)
+def test_flip_probability_is_respected(tmp_path):
+    """Square whole-image crops of symmetric-free images: count flipped views against p=0.5."""
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    path = _beton(tmp_path, "raw", n=100)
+    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    multi = _load_all(path, MultiViewRandomResizedCropDecoder((8, 8), num_views=2, flip_prob=0.5, **whole), 20)
+    single = _load_all(path, RandomResizedCropRGBImageDecoder((8, 8), **whole), 20)
+    flipped = [np.array_equal(multi[i, v], single[i, :, ::-1]) for i in range(100) for v in range(2)]
+    plain = [np.array_equal(multi[i, v], single[i]) for i in range(100) for v in range(2)]
+    assert all(a != b for a, b in zip(flipped, plain))  # each view is exactly one of the two
+    assert 70 <= sum(flipped) <= 130  # 200 draws of p=0.5: mean 100, sd ~7
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_views=0), dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)),
+                                    dict(ratio=(2.0, 1.0)), dict(flip_prob=1.5)])
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        MultiViewRandomResizedCropDecoder((8, 8), **kwargs)
