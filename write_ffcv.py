@@ -355,8 +355,10 @@ def write_split(cfg, split, log=print):
     source = make_source(cfg, split)
     workers = cfg["writer.workers"]
     keep, skipped = np.arange(len(source)), []
+    t_verify = time.perf_counter()
     if source.paths is not None and cfg["writer.verify"]:
         keep, skipped = _verify(source, workers, cfg["writer.max_resolution"], cfg["writer.max_pixels"])
+    t_verify = time.perf_counter() - t_verify
     if len(keep) == 0:
         raise SourceError(f"no readable images in {split}: all {len(skipped)} files were skipped")
     if cfg["writer.shuffle"]:
@@ -380,11 +382,12 @@ def write_split(cfg, split, log=print):
     seconds = time.perf_counter() - t0
     summary = {"split": split, "path": out, "written": int(len(keep)), "skipped": len(skipped),
                "ignored_files": getattr(source, "ignored", 0), "bytes": os.path.getsize(out),
-               "seconds": seconds, "img_per_s": len(keep) / seconds}
+               "seconds": seconds, "verify_seconds": t_verify, "img_per_s": len(keep) / seconds}
     log(f"{split}: wrote {summary['written']} images, skipped {summary['skipped']}"
         + (f" (listed in {sidecar})" if skipped else "")
         + (f", ignored {summary['ignored_files']} non-image files" if summary["ignored_files"] else "")
-        + f", {summary['bytes'] / 2**20:.1f} MiB in {seconds:.1f} s ({summary['img_per_s']:.0f} img/s)")
+        + f", {summary['bytes'] / 2**20:.1f} MiB in {seconds:.1f} s ({summary['img_per_s']:.0f} img/s"
+        + (f"; {t_verify:.1f} s of it verifying)" if t_verify > 0.05 else ")"))
     log(out)
     return summary
 

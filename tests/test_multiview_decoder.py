@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import make_cfg
-from multiview_decoder import MultiViewRandomResizedCropDecoder
+from multiview_decoder import MultiViewRandomResizedCropDecoder, bilinear_resize_crop
 from write_ffcv import write_split
 
 H = 30  # side of the square images of the fixed-size betons
@@ -66,7 +66,39 @@ def test_flip_probability_is_respected(tmp_path):
     assert 70 <= sum(flipped) <= 130  # 200 draws of p=0.5: mean 100, sd ~7
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_views=0), dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)),
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+def test_bilinear_views_equal_the_bilinear_resize_of_the_image(tmp_path, mode):
+    path = _beton(tmp_path, mode)
+    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0)
+    full = _load_all(path, MultiViewRandomResizedCropDecoder((H, H), num_views=1, **whole))[:, 0]  # the images
+    views = _load_all(path, MultiViewRandomResizedCropDecoder((13, 11), num_views=2, interpolation="bilinear",
+                                                              **whole))
+    for img, pair in zip(full, views):
+        expected = np.zeros((13, 11, 3), np.uint8)
+        bilinear_resize_crop(img, 0, H, 0, H, expected)
+        np.testing.assert_array_equal(pair[0], expected)
+        np.testing.assert_array_equal(pair[1], expected)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_bilinear_resize_crop_matches_opencv_inter_linear(jit):
+    import cv2
+    fn = bilinear_resize_crop
+    if jit:
+        from numba import njit
+        fn = njit(bilinear_resize_crop)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (57, 43, 3), dtype=np.uint8)
+    for (r0, r1, c0, c1, oh, ow) in [(0, 57, 0, 43, 17, 23), (5, 40, 3, 30, 61, 29), (10, 11, 7, 9, 5, 4),
+                                     (0, 57, 0, 43, 57, 43)]:
+        out = np.zeros((oh, ow, 3), np.uint8)
+        fn(img, r0, r1, c0, c1, out)
+        ref = cv2.resize(np.ascontiguousarray(img[r0:r1, c0:c1]), (ow, oh), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(out.astype(int) - ref).max() <= 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(interpolation="cubic"), dict(num_views=0), dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)),
                                     dict(ratio=(2.0, 1.0)), dict(flip_prob=1.5)])
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
