@@ -17,6 +17,7 @@ import glob
 import math
 import os
 import statistics
+import time
 
 import numpy as np
 import torch
@@ -52,12 +53,13 @@ def main():
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda", help="'cpu' only to smoke-test this script")
     args = p.parse_args()
-    assert torch.cuda.is_available(), "CUDA only"
+    dev = torch.device(args.device)
+    assert dev.type == "cpu" or torch.cuda.is_available(), "needs CUDA (or --device cpu for a smoke test)"
     files = sorted(glob.glob(os.path.join(args.tree, "train", "*", "*.JPEG")))
     assert len(files) >= args.batch, f"need >= {args.batch} JPEGs under {args.tree}"
     data = [torchvision.io.read_file(f) for f in files]
-    dev = torch.device("cuda")
     batches = [data[i:i + args.batch] for i in range(0, len(data) - args.batch + 1, args.batch)]
 
     def decode(batch):
@@ -65,7 +67,7 @@ def main():
 
     def crop_two_views(padded, hs, ws):
         boxes = random_boxes(hs, ws, 2)
-        idx = torch.arange(len(images)).repeat_interleave(2).float()[:, None]
+        idx = torch.arange(len(hs)).repeat_interleave(2).float()[:, None]
         rois = torch.cat([idx, boxes], 1).to(dev)
         views = roi_align(padded.float(), rois, output_size=args.res, spatial_scale=1.0, sampling_ratio=2,
                           aligned=True)  # [2B, 3, res, res]
@@ -88,7 +90,8 @@ def main():
         imgs = [torchvision.io.decode_jpeg(x) for x in b]
         hs = torch.tensor([im.shape[1] for im in imgs])
         ws = torch.tensor([im.shape[2] for im in imgs])
-        host = torch.zeros(len(imgs), 3, int(hs.max()), int(ws.max()), dtype=torch.uint8).pin_memory()
+        host = torch.zeros(len(imgs), 3, int(hs.max()), int(ws.max()), dtype=torch.uint8)
+        host = host.pin_memory() if dev.type == "cuda" else host
         for k, im in enumerate(imgs):
             host[k, :, :im.shape[1], :im.shape[2]] = im
         raw.append((host, hs, ws))
@@ -100,22 +103,27 @@ def main():
     def raw_upload(item):
         return item[0].to(dev, non_blocking=True)
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, torchvision {torchvision.__version__}; "
+    print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__}, torchvision {torchvision.__version__}; "
           f"{len(files)} JPEGs, mean {np.mean([d.numel() for d in data]) / 1024:.0f} KB; batch {args.batch}")
     for name, fn, inputs in (("decode", decode, batches), ("decode+2v", decode_two_views, batches),
                              ("raw+2v", raw_two_views, raw), ("raw upload", raw_upload, raw)):
         for b in inputs[:2]:
             fn(b)  # warm-up: nvJPEG handles, kernels
-        torch.cuda.synchronize()
         times = []
         for it in range(args.iters):
             b = inputs[it % len(inputs)]
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(b)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(b)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn(b)
+                times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         print(f"{name:10s} {args.batch / med:9.0f} img/s  ({med * 1e3:.1f} ms per batch of {args.batch}, median of "
               f"{args.iters})")
