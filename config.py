@@ -33,49 +33,45 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Strict checkers (fastargs calls check(value) and wraps any exception into ValidationError).
 
-class StrictInt(Checker):
+class _Number(Checker):
+    """A number in [min, max]; subclasses turn the raw value into their type or raise."""
+    kind = "a number"
+
     def __init__(self, min=None, max=None):
         self.min, self.max = min, max
 
     def check(self, value):
         if isinstance(value, bool):
-            raise ValueError("a bool is not an int")
-        if isinstance(value, float):
-            raise ValueError("a float is not an int")
-        if isinstance(value, str):
-            if not re.fullmatch(r"[+-]?\d+", value.strip()):
-                raise ValueError(value)
-            value = int(value)
-        if not isinstance(value, int):
-            raise ValueError(value)
+            raise ValueError(f"a bool is not {self.kind}")
+        value = self.convert(value)
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
             raise ValueError(value)
         return value
 
     def help(self):
-        return "an int" + _range_help(self.min, self.max)
+        return self.kind + _range_help(self.min, self.max)
 
 
-class StrictFloat(Checker):
-    def __init__(self, min=None, max=None):
-        self.min, self.max = min, max
+class StrictInt(_Number):
+    kind = "an int"
 
-    def check(self, value):
-        if isinstance(value, bool):
-            raise ValueError("a bool is not a float")
+    def convert(self, value):
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        if isinstance(value, int):
+            return value
+        raise ValueError(value)  # 0.5, '2.0', 'two'
+
+
+class StrictFloat(_Number):
+    kind = "a float"
+
+    def convert(self, value):
         if isinstance(value, str):
             value = float(value.strip())  # raises on non-numbers
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(value)
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(value)
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-            raise ValueError(value)
-        return value
-
-    def help(self):
-        return "a float" + _range_help(self.min, self.max)
+        return float(value)
 
 
 class StrictBool(Checker):
