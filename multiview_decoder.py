@@ -56,8 +56,12 @@ def bilinear_resize_crop(source, start_row, end_row, start_col, end_col, destina
 
 class MultiViewRandomResizedCropDecoder(SimpleRGBImageDecoder):
     def __init__(self, output_size, num_views=2, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob=0.5,
-                 interpolation="area"):
+                 interpolation="area", seed=None):
         super().__init__()
+        # seed: None draws from the threads' RNGs (not reproducible); an int makes each sample's crops a function of
+        # (seed, sample index, first and last index of its batch, its slot), so a RANDOM-order epoch (seeded) gives
+        # the same views on every run whatever the thread scheduling: what exact resumption needs.
+        self.seed = -1 if seed is None else int(seed) % 4294967291
         if interpolation not in ("area", "bilinear"):
             raise ValueError(f"interpolation must be 'area' or 'bilinear', got {interpolation!r}")
         self.interpolation = interpolation
@@ -91,12 +95,19 @@ class MultiViewRandomResizedCropDecoder(SimpleRGBImageDecoder):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop if self.interpolation == "area" else bilinear_resize_crop)
         get_crop_c = Compiler.compile(get_random_crop)
-        scale, ratio, num_views, flip_prob = self.scale, self.ratio, self.num_views, self.flip_prob
+        scale, ratio, num_views, flip_prob, seed = self.scale, self.ratio, self.num_views, self.flip_prob, self.seed
+        prime = 4294967291  # largest prime below 2**32: keeps every product below 2**63
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             for dst_ix in my_range(len(batch_indices)):
-                field = metadata[batch_indices[dst_ix]]
+                sample = batch_indices[dst_ix]
+                field = metadata[sample]
+                if seed >= 0:
+                    h = (seed * 1000003 + sample) % prime
+                    h = (h * 1000003 + batch_indices[0]) % prime
+                    h = (h * 1000003 + batch_indices[len(batch_indices) - 1]) % prime
+                    np.random.seed((h * 1000003 + dst_ix) % prime)
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:  # the one decode of this image

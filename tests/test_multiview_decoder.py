@@ -53,6 +53,18 @@ def test_views_are_independent_per_sample(tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_seeded_views_repeat_across_runs_and_differ_across_seeds(tmp_path):
+    path = _beton(tmp_path, "raw", n=32, min_size=24, max_size=48)
+
+    def run(seed):
+        return _load_all(path, MultiViewRandomResizedCropDecoder((12, 12), num_views=2, seed=seed), 8)
+    a, b, c = run(7), run(7), run(8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert sum(np.array_equal(v[0], v[1]) for v in a) <= 1  # the two views still differ
+
+
+@pytest.mark.timeout(180)
 def test_flip_probability_is_respected(tmp_path):
     """Square whole-image crops of symmetric-free images: count flipped views against p=0.5."""
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
