@@ -66,10 +66,19 @@ class ViewAugment:
         if params is None:
             params = self.sample(B, min(H, W), generator, views_hwc_uint8.device)
         x = views_hwc_uint8.permute(0, 3, 1, 2).float().div_(255)              # [B, 3, H, W] in [0, 1]
-        x = apply_color_ops(x, params)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        return normalize(apply_color_ops(x, params), self.mean, self.std)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """float [B, 3, H, W] in [0, 1] -> (x - mean) / std, channels-last memory."""
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def uint8_hwc_to_normalized(x):
+    """uint8 [B, H, W, 3] (an eval batch) -> normalised float [B, 3, H, W], channels-last."""
+    return normalize(x.permute(0, 3, 1, 2).float().div_(255))
 
 
 def byol_view_augments(p_blur=(1.0, 0.1), p_solarize=(0.0, 0.2), **common):

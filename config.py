@@ -171,6 +171,86 @@ def _declare(cfg):
     )
 
 
+    # ---- trainer (train_coss.py). Defaults: the CPU demo on Fashion-MNIST (CO-BYOL, width-16 ResNet-18, 32 px).
+    Section("model", "Backbone", config_descriptor=cfg).params(
+        backbone=Param(Text(), "preset of rf_resnet.py (python rf_resnet.py --list)", default="resnet18_w16_cifar"),
+        width=Param(StrictInt(0), "stage-1 channels; 0 = the preset's", default=0),
+    )
+    Section("method", "SSL method and heads", config_descriptor=cfg).params(
+        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr"), "base method", default="co_byol"),
+        logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
+        w_s=Param(StrictFloat(0.0), "weight of the local term", default=0.5),
+        mixing=Param(Choice("convex", "additive"), "(1-w_s) L_g + w_s L_l, or L_g + w_s L_l", default="convex"),
+        local_grid=Param(StrictInt(0), "adaptive-avg-pool the map to n x n before the local heads; 0 = native",
+                         default=0),
+        proj_hidden=Param(StrictInt(1), "projector hidden width", default=512),
+        proj_dim=Param(StrictInt(1), "embedding dim (global and local)", default=128),
+        pred_hidden=Param(StrictInt(1), "predictor hidden width (BYOL family)", default=512),
+        local_hidden=Param(StrictInt(1), "local head hidden width (1x1 convs)", default=256),
+        temperature=Param(StrictFloat(1e-4), "NT-Xent / local InfoNCE temperature (SimCLR family)", default=0.2),
+        logo_lambda=Param(StrictFloat(0.0), "LoGo: weight of L_ll", default=1e-4),
+        logo_local_res=Param(StrictInt(8), "LoGo: side of the local crops, px", default=16),
+        logo_global_cmin=Param(StrictFloat(0.01, 1.0), "LoGo: global crop scale (r_g, 1)", default=0.4),
+        logo_local_cmax=Param(StrictFloat(0.01, 1.0), "LoGo: local crop scale (0.05, r_l)", default=0.4),
+        logo_affinity_lr=Param(StrictFloat(0.0), "LoGo: Adam lr of the affinity MLP", default=1e-3),
+    )
+    Section("augment", "Views (train loader)", config_descriptor=cfg).params(
+        res=Param(StrictInt(8), "side of each view, px (the final one if progressive)", default=32),
+        res_start=Param(StrictInt(0), "progressive resolution: side at epoch 0 (0 = off)", default=0),
+        res_ramp_epochs=Param(StrictInt(0), "progressive: epochs to go from res_start to res", default=0),
+        c_min=Param(StrictFloat(0.01, 1.0), "RandomResizedCrop scale (c_min, 1)", default=0.08),
+        interpolation=Param(Choice("area", "bilinear"), "crop resize: FFCV INTER_AREA or our bilinear",
+                            default="area"),
+        p_jitter=Param(StrictFloat(0.0, 1.0), "colour jitter probability", default=0.8),
+        brightness=Param(StrictFloat(0.0), "", default=0.4),
+        contrast=Param(StrictFloat(0.0), "", default=0.4),
+        saturation=Param(StrictFloat(0.0), "", default=0.2),
+        hue=Param(StrictFloat(0.0, 0.5), "", default=0.1),
+        p_gray=Param(StrictFloat(0.0, 1.0), "grayscale probability", default=0.2),
+        p_blur1=Param(StrictFloat(0.0, 1.0), "blur probability, view 1", default=1.0),
+        p_blur2=Param(StrictFloat(0.0, 1.0), "blur probability, view 2", default=0.1),
+        p_solarize1=Param(StrictFloat(0.0, 1.0), "solarize probability, view 1", default=0.0),
+        p_solarize2=Param(StrictFloat(0.0, 1.0), "solarize probability, view 2", default=0.2),
+        workers=Param(StrictInt(1), "FFCV loader threads", default=2),
+    )
+    Section("optim", "Optimisation", config_descriptor=cfg).params(
+        batch_size=Param(StrictInt(2), "images per step per process", default=256),
+        epochs=Param(StrictInt(1), "", default=4),
+        lr=Param(StrictFloat(0.0), "base LARS lr per 256 images (x batch_size * world / 256)", default=1.0),
+        warmup_epochs=Param(StrictFloat(0.0), "linear warm-up, then cosine to 0", default=1.0),
+        weight_decay=Param(StrictFloat(0.0), "not applied to biases and norms", default=1.5e-6),
+        momentum=Param(StrictFloat(0.0, 1.0), "", default=0.9),
+        lars_eta=Param(StrictFloat(0.0), "LARS trust coefficient (0 = plain SGD)", default=0.001),
+        tau=Param(StrictFloat(0.0, 1.0), "EMA tau at step 0; cosine to 1 (BYOL family)", default=0.99),
+        probe_lr=Param(StrictFloat(0.0), "online linear probe: SGD lr", default=0.1),
+    )
+    Section("training", "Run control", config_descriptor=cfg).params(
+        seed=Param(StrictInt(0), "", default=0),
+        device=Param(Choice("auto", "cpu", "cuda"), "", default="auto"),
+        compile=Param(StrictBool(), "torch.compile the online network", default=False),
+        bf16=Param(StrictBool(), "bf16 autocast (CUDA only)", default=True),
+        channels_last=Param(StrictBool(), "", default=True),
+        out_dir=Param(Text(), "runs are written to <out_dir>/<run_name>", default="runs"),
+        run_name=Param(Text(), "empty = <method>_<backbone>_s<seed>", default=""),
+        checkpoint_every=Param(StrictInt(1), "epochs between checkpoints (and the last one)", default=1),
+        resume=Param(StrictBool(), "continue from <run>/checkpoint.pt if present", default=False),
+        log_every=Param(StrictInt(1), "steps between log lines", default=20),
+        train_images=Param(StrictInt(0), "use only the first N train images (0 = all)", default=0),
+        threads=Param(StrictInt(0), "torch CPU threads (0 = leave)", default=0),
+    )
+    Section("eval", "kNN monitor and linear probes (val beton)", config_descriptor=cfg).params(
+        every=Param(StrictInt(0), "epochs between kNN evaluations (0 = only at the end)", default=0),
+        k=Param(StrictInt(1), "kNN neighbours", default=20),
+        t=Param(StrictFloat(1e-4), "kNN temperature", default=0.07),
+        bank_images=Param(StrictInt(0), "train images in the kNN bank / probe fit (0 = all)", default=10000),
+        val_images=Param(StrictInt(0), "val images evaluated (0 = all)", default=0),
+        crop_ratio=Param(StrictFloat(0.1, 1.0), "centre crop side / short side", default=1.0),
+        probe_iters=Param(StrictInt(0), "L-BFGS iterations of the linear probe on frozen features at the end "
+                                       "(0 = skip)", default=100),
+        random_init=Param(StrictBool(), "also evaluate the untrained network (the demo's baseline)", default=True),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading.
 

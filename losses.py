@@ -119,6 +119,17 @@ def local_global_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None,
     return loss / 2
 
 
+def cross_view_info_nce(anchors, targets, temperature):
+    """InfoNCE of anchors [B, D] against detached targets [B, D]: anchor b's positive is targets[b], the other
+    rows are negatives (LoGo's L_lg on the SimCLR base)."""
+    _check("anchors", anchors, 2)
+    _check("targets", targets, 2, anchors.shape[-1])
+    if anchors.shape != targets.shape:
+        raise ValueError(f"cross_view_info_nce: {tuple(anchors.shape)} vs {tuple(targets.shape)}")
+    logits = F.normalize(anchors, dim=1) @ F.normalize(targets.detach(), dim=1).T / temperature
+    return F.cross_entropy(logits, torch.arange(anchors.shape[0], device=anchors.device))
+
+
 def logo_affinity_losses(affinity, zl1, zl2):
     """LoGo's L_ll. affinity: a module [B, 2D] -> [B, 1]; zl*: local-crop embeddings [B, D] (online, with grad).
     Returns (encoder_term, affinity_loss):

@@ -41,7 +41,7 @@ def test_unknown_yaml_key_fails_naming_it(tmp_path, path):
 def test_unknown_section_and_cli_key_fail(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dta:\n  name: x\n")
-    with pytest.raises(ConfigError, match="'dta.name'.*known sections: data, writer"):
+    with pytest.raises(ConfigError, match="'dta.name'.*known sections: augment, data, eval, method, model, optim, training, writer"):
         load_config(bad)
     with pytest.raises(ConfigError, match="unknown command line key 'data.nam'"):
         load_config(None, ["--data.nam=x"])

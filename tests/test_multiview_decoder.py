@@ -21,7 +21,7 @@ def _load_all(path, decoder, batch_size=8):
     from ffcv.transforms import ToTensor
     loader = Loader(path, batch_size=batch_size, num_workers=1, order=OrderOption.SEQUENTIAL,
                     pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
-    return np.concatenate([images.numpy() for images, _ in loader])
+    return np.concatenate([images.numpy().copy() for images, _ in loader])  # FFCV reuses its buffers
 
 
 @pytest.mark.timeout(180)

@@ -1,0 +1,88 @@
+"""The CO-SSL networks around a backbone: global projector/predictor, local (1x1) heads, EMA target, LoGo's
+affinity MLP. Plain arguments, no config: train_coss.py builds them.
+
+Shapes (B images, C backbone channels, h x w map, L = h*w or n*n locations, D = proj_dim):
+  backbone(x)            -> F [B, C, h, w], y [B, C]
+  global: z = g(y) [B, D], p = q(z) [B, D]                       (q only for the BYOL family)
+  local:  P = q2(g2(F)) as [B, L, D] (1x1 convs, so one MLP shared by every location; q2 only for BYOL family)
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BYOL_FAMILY = ("byol", "co_byol")
+SIMCLR_FAMILY = ("simclr", "co_simclr")
+METHODS = BYOL_FAMILY + SIMCLR_FAMILY
+
+
+def mlp(dim_in, hidden, dim_out):
+    """BYOL's head: Linear -> BN -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+def local_mlp(dim_in, hidden, dim_out):
+    """The same head as 1x1 convolutions: applied at every location of a feature map."""
+    return nn.Sequential(nn.Conv2d(dim_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden, dim_out, 1))
+
+
+class SSLNet(nn.Module):
+    def __init__(self, backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden, local_grid=0):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+        self.method, self.local_grid = method, local_grid
+        self.backbone = backbone
+        C = backbone.num_features
+        self.projector = mlp(C, proj_hidden, proj_dim)
+        self.predictor = mlp(proj_dim, pred_hidden, proj_dim) if method in BYOL_FAMILY else None
+        self.has_local = method.startswith("co_")
+        if self.has_local:
+            self.local_projector = local_mlp(C, local_hidden, proj_dim)
+            self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim) if method == "co_byol" else None
+
+    def forward(self, x, local=True):
+        """Returns dict: y (pooled features), z (projection), p (prediction, BYOL family), P (local, [B, L, D])."""
+        fmap, y = self.backbone(x)
+        z = self.projector(y)
+        out = {"y": y, "z": z, "p": self.predictor(z) if self.predictor is not None else z}
+        if self.has_local and local:
+            if self.local_grid:
+                fmap = F.adaptive_avg_pool2d(fmap, self.local_grid)
+            P = self.local_projector(fmap)
+            if self.local_predictor is not None:
+                P = self.local_predictor(P)
+            out["P"] = P.flatten(2).transpose(1, 2)  # [B, L, D]; a view, no copy for channels-last maps
+        return out
+
+
+class TargetNet(nn.Module):
+    """BYOL's target: an EMA copy of the online backbone and projector (no predictor, no local heads)."""
+
+    def __init__(self, online):
+        super().__init__()
+        self.backbone = copy.deepcopy(online.backbone)
+        self.projector = copy.deepcopy(online.projector)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return self.projector(self.backbone(x)[1])
+
+    def online_part(self, online):
+        """The online modules this target tracks, in the same parameter order."""
+        return nn.ModuleList([online.backbone, online.projector])
+
+    def tracked(self):
+        return nn.ModuleList([self.backbone, self.projector])
+
+
+def affinity_mlp(dim, hidden=256):
+    """LoGo's f_d: [B, 2D] -> [B, 1] (256 -> 256 -> 1 with BN + ReLU, as the public LoGo code)."""
+    return nn.Sequential(nn.Linear(2 * dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, 1))

@@ -1,0 +1,221 @@
+"""train_coss.py on tiny synthetic betons: every method runs, exact resume, DDP equivalence, NaN guard, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from config import load_config
+from conftest import REPO
+import train_coss
+from train_coss import (LARS, TrainingError, feature_probe_accuracy, knn_accuracy, lr_at, param_groups,
+                        resolution_at, tau_at, train)
+from write_ffcv import write_split
+
+TINY = ["--data.source=synthetic", "--data.synthetic_images=96", "--data.synthetic_min_size=20",
+        "--data.synthetic_max_size=40", "--data.name=tiny", "--model.width=4", "--method.proj_hidden=32",
+        "--method.proj_dim=16", "--method.pred_hidden=32", "--method.local_hidden=16", "--augment.res=16",
+        "--augment.workers=1", "--optim.batch_size=16", "--optim.epochs=2", "--training.train_images=64",
+        "--training.log_every=1", "--eval.bank_images=48", "--eval.val_images=24", "--eval.probe_iters=20",
+        "--eval.random_init=0", "--method.logo_local_res=8", "--training.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(None, TINY + [f"--data.beton_dir={root / 'betons'}"])
+    for split in ("train", "val"):
+        write_split(cfg, split, log=lambda *_: None)
+    return root
+
+
+def tiny_cfg(betons, tmp_path, *extra):
+    return load_config(None, TINY + [f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+                                     *extra])
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method,logo", [("byol", 0), ("co_byol", 0), ("simclr", 0), ("co_simclr", 0),
+                                         ("byol", 1), ("simclr", 1)])
+def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method, logo):
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}", "--optim.epochs=1")
+    results = train(cfg, log=quiet)
+    run = results["run_dir"]
+    for f in ("params.json", "env.json", "log.jsonl", "checkpoint.pt", "backbone.pt"):
+        assert os.path.getsize(os.path.join(run, f)) > 0, f
+    assert os.listdir(os.path.join(run, "tb"))
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    if method.startswith("co_"):
+        assert all("local" in r for r in rows if "loss" in r)
+    if logo:
+        assert all("local_local" in r and "affinity" in r for r in rows if "loss" in r)
+    final = results["epoch0"]
+    assert 0 <= final["knn"] <= 1 and 0 <= final["probe"] <= 1 and 0 <= final["online_probe"] <= 1
+    assert json.load(open(os.path.join(run, "params.json")))["method"]["name"] == method
+    png = train_coss.plot(run)
+    assert os.path.getsize(png) > 1000
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_run_resumes_to_the_same_weights(betons, tmp_path):
+    ref = train(tiny_cfg(betons, tmp_path / "a", "--training.run_name=r"), log=quiet)
+    ref_state = torch.load(os.path.join(ref["run_dir"], "checkpoint.pt"), weights_only=False)
+
+    def crash_at_6(step):  # 4 steps per epoch: dies in the middle of epoch 2, after epoch 1's checkpoint
+        if step == 6:
+            raise _Crash()
+    cfg = tiny_cfg(betons, tmp_path / "b", "--training.run_name=r")
+    with pytest.raises(_Crash):
+        train(cfg, on_step=crash_at_6, log=quiet)
+    ck = torch.load(os.path.join(tmp_path / "b" / "r" / "checkpoint.pt"), weights_only=False)
+    assert (ck["epoch"], ck["step"]) == (1, 4)
+    train(tiny_cfg(betons, tmp_path / "b", "--training.run_name=r", "--training.resume=1"), log=quiet)
+    state = torch.load(os.path.join(tmp_path / "b" / "r" / "checkpoint.pt"), weights_only=False)
+    assert state["step"] == ref_state["step"] == 8
+    for key in ("online", "target", "probe"):
+        for name, tensor in ref_state[key].items():
+            torch.testing.assert_close(state[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
+
+
+@pytest.mark.timeout(600)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(betons, tmp_path):
+    train(tiny_cfg(betons, tmp_path, "--training.run_name=r", "--optim.epochs=1"), log=quiet)
+    path = tmp_path / "r" / "checkpoint.pt"
+    before = path.read_bytes()
+    cfg = tiny_cfg(betons, tmp_path, "--training.run_name=r", "--training.resume=1", "--optim.lr=1e38",
+                   "--optim.lars_eta=0", "--optim.epochs=3")
+    with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint"):
+        train(cfg, log=quiet)
+    assert path.read_bytes() == before
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "train_coss.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("extra,message", [
+    (["--data.name=nothing"], "write it with: python write_ffcv.py --split train"),
+    (["--optim.batch_size=128"], "larger than the 64 training images"),
+    (["--method.name=co_byol", "--method.logo=1"], "LoGo's bases"),
+    (["--method.w_s=1.5"], "convex mixing"),
+    (["--method.name=mocov9"], "bad value for 'method.name'"),
+    (["--optim.batch_sise=8"], "unknown command line key 'optim.batch_sise'"),
+])
+def test_bad_input_gives_one_line_and_exit_2(betons, tmp_path, extra, message):
+    res = _cli(*TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}", *extra)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.strip().splitlines() if line.startswith("train_coss.py: error:")]
+    assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------- DDP
+
+def _ddp_worker(rank, world, port, method, x1, x2, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    loss, grads = _one_step(method, x1, x2, world, rank)
+    torch.distributed.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss / world, "grads": grads}, out)
+    torch.distributed.destroy_process_group()
+
+
+def _one_step(method, x1, x2, world, rank):
+    """One loss + backward with BN on running statistics, so that per-sample results do not depend on how the
+    batch is split (SyncBN needs CUDA); gradients are what DDP leaves in .grad."""
+    cfg = load_config(None, TINY + [f"--method.name={method}", "--training.device=cpu"])
+    _, _, device = train_coss.setup_distributed("cpu")
+    torch.manual_seed(0)
+    online, target, _, _ = train_coss.build_model(cfg, 10, device)
+    online.train()
+    for m in list(online.modules()) + (list(target.modules()) if target is not None else []):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    model = online
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(online)
+        b = x1.shape[0] // world
+        x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
+    loss, _, _, _ = train_coss.method_loss(cfg, model, target, (x1, x2), None, None)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in online.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method", ["co_byol", "co_simclr", "simclr"])
+def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path, method):
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    loss, grads = _one_step(method, x1, x2, 1, 0)
+    out = tmp_path / "rank0.pt"
+    port = 29500 + os.getpid() % 1000
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, method, x1, x2, str(out)), nprocs=2)
+    got = torch.load(out, weights_only=False)
+    torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
+    assert set(got["grads"]) == set(grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------- pieces
+
+def test_lars_groups_and_update():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    groups = param_groups(model, 0.1)
+    assert [p.shape for p in groups[0]["params"]] == [torch.Size([4, 3])]
+    assert len(groups[1]["params"]) == 3 and groups[1]["weight_decay"] == 0 and not groups[1]["lars"]
+    opt = LARS(groups, lr=0.5, momentum=0.9, eta=0.01)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    opt.step()
+    update = torch.ones_like(w0) + 0.1 * w0
+    trust = 0.01 * w0.norm() / update.norm()
+    torch.testing.assert_close(model[0].weight, w0 - 0.5 * trust * update)
+    torch.testing.assert_close(model[0].bias, b0 - 0.5 * torch.ones_like(b0))  # no decay, no adaptation
+
+
+def test_schedules():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1) and lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0) and lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+    assert tau_at(0, 100, 0.99) == pytest.approx(0.99) and tau_at(100, 100, 0.99) == pytest.approx(1.0)
+    cfg = load_config(None, ["--augment.res=64", "--augment.res_start=32", "--augment.res_ramp_epochs=4"])
+    assert [resolution_at(cfg, e) for e in range(6)] == [32, 40, 48, 56, 64, 64]
+
+
+def test_knn_accuracy_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    bank = nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    query = nn.functional.normalize(torch.randn(20, 8, generator=g), dim=1)
+    bank_y, query_y = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 3, (20,), generator=g)
+    correct = 0
+    for q, y in zip(query, query_y):
+        sims = bank @ q
+        top = sims.argsort(descending=True)[:5]
+        votes = [sum(float(torch.exp(sims[i] / 0.1)) for i in top if bank_y[i] == c) for c in range(3)]
+        correct += int(np.argmax(votes) == int(y))
+    assert knn_accuracy(bank, bank_y, query, query_y, 3, k=5, t=0.1, chunk=7) == pytest.approx(correct / 20)
+
+
+def test_feature_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (400,), generator=g)
+    x = torch.randn(400, 16, generator=g) * 0.1 + nn.functional.one_hot(y, 16).float()
+    assert feature_probe_accuracy(x[:300], y[:300], x[300:], y[300:], 4, iters=50) >= 0.99

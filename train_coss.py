@@ -1,0 +1,579 @@
+"""CO-SSL trainer: CO-BYOL, CO-SimCLR, BYOL, SimCLR and LoGo on RF-ResNets, fed by FFCV betons.
+
+    python train_coss.py --config configs/fmnist.yaml            # the CPU demo (also: make demo)
+    torchrun --nproc_per_node=8 train_coss.py --config configs/in100.yaml
+    python train_coss.py --config configs/in100.yaml --training.resume=1   # continue a killed run exactly
+    python train_coss.py --plot runs/<run>                        # PNG curves of a run
+
+Reads top to bottom in run order: distributed set-up, data, model, optimiser and schedules, the loss of each
+method, the training step, evaluation (kNN monitor, linear probes), checkpoints, the loop, main.
+Every run folder holds params.json (resolved config), env.json (versions, devices), log.jsonl (metrics),
+TensorBoard scalars (tb/) and checkpoint.pt (atomic; the last good one survives a crash or a NaN).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from augment import ViewAugment, uint8_hwc_to_normalized
+from config import ConfigError, as_dict, load_config
+from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
+                    local_global_regression, logo_affinity_losses, mix, nt_xent)
+from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
+from rf_resnet import build_backbone
+
+DEMO_CONFIG = "configs/fmnist.yaml"
+
+
+class TrainingError(RuntimeError):
+    """Stops a run with one line for the user (bad input, NaN loss)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; otherwise one process).
+
+def setup_distributed(device_pref):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("training.device=cuda but no CUDA device is visible")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def gather_with_grad(x):
+    """All ranks' rows of x, concatenated in rank order, with gradient flowing back to each rank's rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(x), dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: FFCV betons written by write_ffcv.py with the same config.
+
+def beton(cfg, split):
+    from write_ffcv import beton_path
+    path = beton_path(cfg, split)
+    if not os.path.isfile(path):
+        raise TrainingError(f"beton not found: {path} — write it with: python write_ffcv.py --split {split}"
+                            + (f" --config {cfg.source_file}" if getattr(cfg, "source_file", None) else ""))
+    return path
+
+
+def num_images_and_classes(path):
+    from ffcv.reader import Reader
+    reader = Reader(path)
+    labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+    return len(labels), int(labels.max()) + 1
+
+
+def train_loader(cfg, path, indices, rank, world, res):
+    """Per sample: views [V, res, res, 3] uint8 cut from one decode (+ LoGo's two local crops), label."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToTensor
+    from multiview_decoder import MultiViewRandomResizedCropDecoder
+    seed = cfg["training.seed"]
+    logo = cfg["method.logo"]
+    c_min = cfg["method.logo_global_cmin"] if logo else cfg["augment.c_min"]
+    decoder = MultiViewRandomResizedCropDecoder((res, res), 2, scale=(c_min, 1.0),
+                                                interpolation=cfg["augment.interpolation"], seed=seed)
+    pipelines = {"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]}
+    if logo:  # a second decoder on the same field: the local crops (this decodes the image a second time)
+        local = cfg["method.logo_local_res"]
+        pipelines["local"] = PipelineSpec("image", decoder=MultiViewRandomResizedCropDecoder(
+            (local, local), 2, scale=(0.05, cfg["method.logo_local_cmax"]),
+            interpolation=cfg["augment.interpolation"], seed=seed + 1), transforms=[ToTensor()])
+    loader = Loader(path, batch_size=cfg["optim.batch_size"], num_workers=cfg["augment.workers"],
+                    order=OrderOption.RANDOM, seed=seed, indices=indices, drop_last=True, distributed=world > 1,
+                    pipelines=pipelines)
+    return loader, decoder
+
+
+def eval_loader(cfg, path, n_images, res):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    total, _ = num_images_and_classes(path)
+    indices = np.arange(min(n_images, total) if n_images else total)
+    return Loader(path, batch_size=256, num_workers=cfg["augment.workers"], order=OrderOption.SEQUENTIAL,
+                  indices=indices, drop_last=False,
+                  pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=cfg["eval.crop_ratio"]),
+                                       ToTensor()], "label": [IntDecoder(), ToTensor()]})
+
+
+def view_augments(cfg):
+    common = dict(p_jitter=cfg["augment.p_jitter"], brightness=cfg["augment.brightness"],
+                  contrast=cfg["augment.contrast"], saturation=cfg["augment.saturation"], hue=cfg["augment.hue"],
+                  p_gray=cfg["augment.p_gray"])
+    return (ViewAugment(p_blur=cfg["augment.p_blur1"], p_solarize=cfg["augment.p_solarize1"], **common),
+            ViewAugment(p_blur=cfg["augment.p_blur2"], p_solarize=cfg["augment.p_solarize2"], **common))
+
+
+def resolution_at(cfg, epoch):
+    """Progressive resolution (FFCV style): res_start -> res linearly over res_ramp_epochs, multiples of 8."""
+    start, end, ramp = cfg["augment.res_start"], cfg["augment.res"], cfg["augment.res_ramp_epochs"]
+    if not start or ramp == 0 or epoch >= ramp:
+        return end
+    return max(8, int(round((start + (end - start) * epoch / ramp) / 8)) * 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, optimiser, schedules.
+
+def build_model(cfg, num_classes, device):
+    width = cfg["model.width"]
+    backbone = build_backbone(cfg["model.backbone"], **({"width": width} if width else {}))
+    online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
+                    cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"])
+    target = TargetNet(online) if cfg["method.name"] in BYOL_FAMILY else None
+    probe = nn.Linear(backbone.num_features, num_classes)
+    affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
+    fmt = torch.channels_last if cfg["training.channels_last"] else torch.contiguous_format
+    mods = [m for m in (online, target, probe, affinity) if m is not None]
+    for m in mods:
+        m.to(device=device, memory_format=fmt)
+    return online, target, probe, affinity
+
+
+def param_groups(model, weight_decay):
+    """LARS groups: weight decay and trust-ratio adaptation on conv/linear weights only (not biases or norms)."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "lars": True},
+            {"params": plain, "weight_decay": 0.0, "lars": False}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio eta * ||w|| / ||g + wd w|| (You et al. 2017; BYOL's variant:
+    groups with lars=False get neither weight decay nor adaptation)."""
+
+    def __init__(self, params, lr, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, eta=eta, weight_decay=0.0, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
+                if group["lars"] and group["eta"] > 0:
+                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                    update.mul_(trust)
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p)
+                buf = state["momentum"].mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up to peak over `warmup` steps, then cosine to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def tau_at(step, total, base):
+    """BYOL's EMA schedule: tau = 1 - (1 - base) (cos(pi k / K) + 1) / 2."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The losses of each method (pure functions in losses.py; here: which tensors go where).
+
+def method_loss(cfg, online, target, views, local_views, affinity):
+    """Returns (loss to minimise, affinity loss or None, dict of logged terms)."""
+    name, w_s, T = cfg["method.name"], cfg["method.w_s"], cfg["method.temperature"]
+    x1, x2 = views
+    o1, o2 = online(x1), online(x2)
+    terms = {}
+    if name in BYOL_FAMILY:
+        t1, t2 = target(x1), target(x2)
+        loss = terms["global"] = byol_loss(o1["p"], o2["p"], t1, t2)
+        if name == "co_byol":
+            terms["local"] = local_global_regression(o1["P"], o2["P"], t1, t2)
+            loss = mix(loss, terms["local"], w_s, cfg["method.mixing"])
+    else:
+        z1_all, z2_all = gather_with_grad(o1["z"]), gather_with_grad(o2["z"])
+        offset = (dist.get_rank() * o1["z"].shape[0]) if z1_all.shape[0] != o1["z"].shape[0] else 0
+        loss = terms["global"] = nt_xent(o1["z"], o2["z"], T, z1_all, z2_all, offset)
+        if name == "co_simclr":
+            terms["local"] = local_global_info_nce(o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset)
+            loss = mix(loss, terms["local"], w_s, cfg["method.mixing"])
+    affinity_loss = None
+    if local_views is not None:  # LoGo: L_gg (above) + L_lg + lambda L_ll
+        l1, l2 = online(local_views[0], local=False), online(local_views[1], local=False)
+        if name in BYOL_FAMILY:
+            lg = sum(cosine_distance(l["p"], t).mean() for l in (l1, l2) for t in (t1, t2))
+        else:
+            lg = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2) for g in (o1, o2))
+        terms["local_global"] = lg
+        terms["local_local"], affinity_loss = logo_affinity_losses(affinity, l1["z"], l2["z"])
+        loss = loss + lg + cfg["method.logo_lambda"] * terms["local_local"]
+        terms["affinity"] = affinity_loss
+    terms["loss"] = loss
+    return loss, affinity_loss, terms, o1["y"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: weighted kNN (k, T) on the val beton, and a linear probe on frozen features.
+
+@torch.no_grad()
+def extract_features(backbone, loader, device):
+    backbone.eval()
+    feats, labels = [], []
+    for images, y in loader:
+        x = uint8_hwc_to_normalized(images.to(device))
+        feats.append(F.normalize(backbone(x)[1].float(), dim=1).cpu())
+        labels.append(y.view(-1).long().clone())  # FFCV reuses its output buffers: copy what we keep
+    backbone.train()
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_accuracy(bank, bank_y, query, query_y, num_classes, k=20, t=0.07, chunk=1024):
+    """Weighted kNN on L2-normalised features: votes exp(sim / t) of the k most similar bank items."""
+    correct = 0
+    for i in range(0, len(query), chunk):
+        sim, idx = (query[i:i + chunk] @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, bank_y[idx], (sim / t).exp())
+        correct += int((votes.argmax(1) == query_y[i:i + chunk]).sum())
+    return correct / len(query)
+
+
+def feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, iters, weight_decay=1e-4):
+    """A linear classifier on frozen, standardised features: full-batch L-BFGS on cross-entropy + L2 (a convex
+    problem, so the result does not hinge on a learning rate), then val accuracy."""
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    xs, xv = (train_f - mean) / std, (val_f - mean) / std
+    clf = nn.Linear(xs.shape[1], num_classes)
+    nn.init.zeros_(clf.weight)
+    nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=iters, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(xs), train_y) + weight_decay * clf.weight.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return float((clf(xv).argmax(1) == val_y).float().mean())
+
+
+def evaluate(cfg, backbone, probe, device, num_classes, res, with_probe_fit):
+    train_f, train_y = extract_features(backbone, eval_loader(cfg, beton(cfg, "train"), cfg["eval.bank_images"],
+                                                             res), device)
+    val_f, val_y = extract_features(backbone, eval_loader(cfg, beton(cfg, "val"), cfg["eval.val_images"], res),
+                                    device)
+    out = {"knn": knn_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.k"], cfg["eval.t"])}
+    if probe is not None:  # the online probe saw unnormalised features: re-extract without the L2 norm
+        with torch.no_grad():
+            out["online_probe"] = _online_probe_accuracy(cfg, backbone, probe, device, res)
+    if with_probe_fit and cfg["eval.probe_iters"]:
+        out["probe"] = feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.probe_iters"])
+    return out
+
+
+@torch.no_grad()
+def _online_probe_accuracy(cfg, backbone, probe, device, res):
+    backbone.eval()
+    correct = total = 0
+    for images, y in eval_loader(cfg, beton(cfg, "val"), cfg["eval.val_images"], res):
+        logits = probe(backbone(uint8_hwc_to_normalized(images.to(device)))[1].float())
+        correct += int((logits.argmax(1).cpu() == y.view(-1)).sum())
+        total += len(y)
+    backbone.train()
+    return correct / total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary file and renamed, so a crash never leaves a half-written one.
+
+def save_checkpoint(path, state):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def export_backbone(online, path):
+    """The backbone as a torchvision-loadable state_dict (standard layouts) for linear evaluation elsewhere."""
+    from rf_resnet import export_torchvision_state_dict
+    backbone = online.module.backbone if hasattr(online, "module") else online.backbone
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(export_torchvision_state_dict(backbone), tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run.
+
+def check_options(cfg, num_train, world):
+    name = cfg["method.name"]
+    if cfg["method.logo"] and name not in ("byol", "simclr"):
+        raise TrainingError(f"method.logo=1 needs method.name byol or simclr (LoGo's bases), got {name}")
+    if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
+        raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
+    if cfg["optim.batch_size"] * world > num_train:
+        raise TrainingError(f"batch of {cfg['optim.batch_size']} x {world} process(es) is larger than the "
+                            f"{num_train} training images")
+
+
+def train(cfg, on_step=None, log=print):
+    """Runs (or resumes) a training run; returns the final metrics. `on_step(step)` is called after every step."""
+    rank, world, device = setup_distributed(cfg["training.device"])
+    is_main = rank == 0
+    if cfg["training.threads"]:
+        torch.set_num_threads(cfg["training.threads"])
+    seed = cfg["training.seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    # data
+    train_path, _ = beton(cfg, "train"), beton(cfg, "val")
+    total_train, num_classes = num_images_and_classes(train_path)
+    num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
+    check_options(cfg, num_train, world)
+    res = resolution_at(cfg, 0)
+    loader, decoder = train_loader(cfg, train_path, np.arange(num_train), rank, world, res)
+    augments = view_augments(cfg)
+    steps_per_epoch = len(loader)
+    epochs = cfg["optim.epochs"]
+    total_steps = epochs * steps_per_epoch
+
+    # model, optimisers
+    online, target, probe, affinity = build_model(cfg, num_classes, device)
+    peak_lr = cfg["optim.lr"] * cfg["optim.batch_size"] * world / 256
+    opt = LARS(param_groups(online, cfg["optim.weight_decay"]), lr=peak_lr, momentum=cfg["optim.momentum"],
+               eta=cfg["optim.lars_eta"])
+    probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
+    aff_opt = torch.optim.Adam(affinity.parameters(), lr=cfg["method.logo_affinity_lr"]) if affinity else None
+    run_dir = os.path.join(cfg["training.out_dir"], cfg["training.run_name"] or
+                           f"{cfg['method.name']}{'_logo' if cfg['method.logo'] else ''}_{cfg['model.backbone']}"
+                           f"_s{seed}")
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+
+    # random-init baseline (before any step), then resume if asked
+    start_epoch, step, results = 0, 0, {}
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    if cfg["training.resume"] and os.path.isfile(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        for key in ("model", "method"):
+            if ck["config"][key] != as_dict(cfg)[key]:
+                raise TrainingError(f"{ckpt_path} was written with other '{key}' settings; refusing to resume")
+        online.load_state_dict(ck["online"])
+        probe.load_state_dict(ck["probe"])
+        opt.load_state_dict(ck["opt"])
+        probe_opt.load_state_dict(ck["probe_opt"])
+        if target is not None:
+            target.load_state_dict(ck["target"])
+        if affinity is not None:
+            affinity.load_state_dict(ck["affinity"])
+            aff_opt.load_state_dict(ck["aff_opt"])
+        start_epoch, step, results = ck["epoch"], ck["step"], ck.get("results", {})
+        set_rng_state(ck["rng"])
+        log(f"resumed {ckpt_path} at epoch {start_epoch}, step {step}")
+    elif is_main and cfg["eval.random_init"] and "random_init" not in results:
+        results["random_init"] = evaluate(cfg, online.backbone, None, device, num_classes, cfg["augment.res"], True)
+        log(f"random init: knn={results['random_init']['knn']:.4f} probe={results['random_init'].get('probe', 0):.4f}")
+    if is_main:
+        with open(os.path.join(run_dir, "params.json"), "w") as fh:
+            json.dump(as_dict(cfg), fh, indent=1)
+        with open(os.path.join(run_dir, "env.json"), "w") as fh:
+            json.dump(environment(device, world), fh, indent=1)
+    model = online
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+    if cfg["training.compile"]:
+        model = torch.compile(model)
+    tb = _tensorboard(run_dir) if is_main else None
+    logfile = open(os.path.join(run_dir, "log.jsonl"), "a") if is_main else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["training.bf16"])
+
+    for epoch in range(start_epoch, epochs):
+        new_res = resolution_at(cfg, epoch)
+        if new_res != decoder.output_size[0]:
+            decoder.output_size = (new_res, new_res)
+            loader.generate_code()
+        loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
+        t_epoch, seen = time.perf_counter(), 0
+        for i, batch in enumerate(loader):
+            views_u8, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).view(-1).long()
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+            views = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
+            local_views = None
+            if affinity is not None:
+                local_u8 = batch[2].to(device, non_blocking=True)
+                local_views = tuple(aug(local_u8[:, v], gen) for v, aug in enumerate(augments))
+            lr = lr_at(step, total_steps, cfg["optim.warmup_epochs"] * steps_per_epoch, peak_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with amp:
+                loss, affinity_loss, terms, features = method_loss(cfg, model, target, views, local_views, affinity)
+            if not torch.isfinite(loss):  # sync
+                raise TrainingError(f"loss is {float(loss.detach())} at epoch {epoch}, step {step}; the last good "
+                                    f"checkpoint is kept at {ckpt_path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
+                aff_opt.zero_grad(set_to_none=True)
+                affinity_loss.backward()
+                if world > 1:  # f_d is small and steps on its own: average its gradients by hand
+                    for p in affinity.parameters():
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+                aff_opt.step()
+            probe_logits = probe(features.detach().float())  # online probe: detached features, own optimiser
+            probe_loss = F.cross_entropy(probe_logits, labels)
+            probe_opt.zero_grad(set_to_none=True)
+            probe_loss.backward()
+            probe_opt.step()
+            if target is not None:
+                ema_update(target.tracked(), target.online_part(online), tau_at(step, total_steps, cfg["optim.tau"]))
+            step += 1
+            seen += len(labels) * world
+            if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):
+                rate = seen / (time.perf_counter() - t_epoch)
+                row = {"epoch": epoch, "step": step, "lr": lr, "res": decoder.output_size[0], "img_per_s": rate,
+                       "probe_train_acc": float((probe_logits.argmax(1) == labels).float().mean()),
+                       **{k: float(v.detach()) for k, v in terms.items()}}
+                _write_row(logfile, tb, row, step)
+                log(f"epoch {epoch} step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.3g} {rate:.0f} img/s")
+            if on_step is not None:
+                on_step(step)
+        last = epoch == epochs - 1
+        if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
+            metrics = evaluate(cfg, online.backbone, probe, device, num_classes, cfg["augment.res"], last)
+            results[f"epoch{epoch}"] = metrics
+            _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
+            log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last):
+            save_checkpoint(ckpt_path, {
+                "online": online.state_dict(), "target": target.state_dict() if target is not None else None,
+                "probe": probe.state_dict(), "opt": opt.state_dict(), "probe_opt": probe_opt.state_dict(),
+                "affinity": affinity.state_dict() if affinity is not None else None,
+                "aff_opt": aff_opt.state_dict() if aff_opt is not None else None,
+                "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": as_dict(cfg), "results": results})
+    if is_main:
+        export_backbone(online, os.path.join(run_dir, "backbone.pt"))
+        if logfile:
+            logfile.close()
+        if tb:
+            tb.close()
+    results["run_dir"] = run_dir
+    return results
+
+
+def _write_row(logfile, tb, row, step):
+    logfile.write(json.dumps({"time": time.time(), **row}) + "\n")
+    logfile.flush()
+    if tb is not None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                tb.add_scalar(k, v, step)
+
+
+def _tensorboard(run_dir):
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(run_dir, "tb"))
+
+
+def environment(device, world):
+    import ffcv
+    env = {"python": platform.python_version(), "torch": torch.__version__, "ffcv": "1.0.2",
+           "numpy": np.__version__, "platform": platform.platform(), "cpus": os.cpu_count(), "world_size": world,
+           "device": str(device), "ffcv_module": ffcv.__file__}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return env
+
+
+def plot(run_dir):
+    """PNG curves of loss, lr, kNN and probe accuracy from log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    panels = [("loss", ["loss", "global", "local"]), ("lr", ["lr"]), ("accuracy", ["knn", "online_probe", "probe"])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if title == "accuracy" else None, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help=f"YAML config (default: the built-in CPU demo = {DEMO_CONFIG})")
+    parser.add_argument("--plot", metavar="RUN_DIR", help="write RUN_DIR/curves.png and exit")
+    parser.add_argument("--demo", action="store_true", help="end with the one-line demo summary")
+    args, overrides = parser.parse_known_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return 0
+    try:
+        cfg = load_config(args.config, overrides)
+        cfg.source_file = args.config
+        results = train(cfg)
+    except (ConfigError, TrainingError) as e:
+        print(f"train_coss.py: error: {e}", file=sys.stderr)
+        return 2
+    final = [v for k, v in results.items() if k.startswith("epoch")][-1]
+    if args.demo:
+        rnd = results.get("random_init", {})
+        print(f"demo: knn={final['knn']:.4f} probe={final.get('probe', float('nan')):.4f} "
+              f"(random init: knn={rnd.get('knn', float('nan')):.4f} probe={rnd.get('probe', float('nan')):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
