@@ -36,8 +36,7 @@ betons: setup
 	  else $(PY) write_ffcv.py --split $$split || exit 1; fi; done
 
 demo: betons
-	@if [ -f train_coss.py ]; then $(PY) train_coss.py --config configs/fmnist.yaml; \
-	else echo "demo: wrote the embedded betons; the trainer (train_coss.py) is not built yet, so the demo ends here"; fi
+	$(PY) train_coss.py --config configs/fmnist.yaml --demo
 
 bench: setup
 	$(PY) bench/bench_loader.py

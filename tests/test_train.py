@@ -219,3 +219,12 @@ def test_feature_probe_separates_separable_features():
     y = torch.randint(0, 4, (400,), generator=g)
     x = torch.randn(400, 16, generator=g) * 0.1 + nn.functional.one_hot(y, 16).float()
     assert feature_probe_accuracy(x[:300], y[:300], x[300:], y[300:], 4, iters=50) >= 0.99
+
+
+@pytest.mark.timeout(600)
+def test_progressive_resolution_changes_the_views(betons, tmp_path):
+    cfg = tiny_cfg(betons, tmp_path, "--augment.res=16", "--augment.res_start=8", "--augment.res_ramp_epochs=1",
+                   "--method.name=co_byol")
+    run = train(cfg, log=quiet)["run_dir"]
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if '"loss"' in line]
+    assert sorted({(r["epoch"], r["res"]) for r in rows}) == [(0, 8), (1, 16)]
