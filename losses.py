@@ -25,6 +25,16 @@ def _check(name, t, ndim, dim=None):
         raise ValueError(f"{name} has embedding dim {t.shape[-1]}, expected {dim}")
 
 
+def _check_local(fn, P1, P2, z1, z2):
+    """Local terms take P1, P2 [B, L, D] and global z1, z2 [B, D] of the same B and D."""
+    _check("P1", P1, 3)
+    _check("P2", P2, 3, P1.shape[-1])
+    _check("z1", z1, 2, P1.shape[-1])
+    _check("z2", z2, 2, P1.shape[-1])
+    if P1.shape != P2.shape or z1.shape != z2.shape or P1.shape[0] != z1.shape[0]:
+        raise ValueError(f"{fn} shapes: P {tuple(P1.shape)}/{tuple(P2.shape)}, z {tuple(z1.shape)}/{tuple(z2.shape)}")
+
+
 def cosine_distance(p, z):
     """d(p, z) = 2 - 2 cos(p, z) along the last dim, z detached. Shapes broadcast ([B, L, D] against [B, 1, D])."""
     return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1, eps=1e-8)
@@ -42,13 +52,7 @@ def byol_loss(p1, p2, z1, z2):
 
 def local_global_regression(P1, P2, z1, z2):
     """CO-BYOL local term. P*: local predictions [B, L, D] of views 1/2; z*: global target projections [B, D]."""
-    _check("P1", P1, 3)
-    _check("P2", P2, 3, P1.shape[-1])
-    _check("z1", z1, 2, P1.shape[-1])
-    _check("z2", z2, 2, P1.shape[-1])
-    if P1.shape != P2.shape or z1.shape != z2.shape or P1.shape[0] != z1.shape[0]:
-        raise ValueError(f"local_global_regression shapes: P {tuple(P1.shape)}/{tuple(P2.shape)}, "
-                         f"z {tuple(z1.shape)}/{tuple(z2.shape)}")
+    _check_local("local_global_regression", P1, P2, z1, z2)
     return cosine_distance(P1, z2[:, None]).mean() + cosine_distance(P2, z1[:, None]).mean()
 
 
@@ -98,13 +102,7 @@ def nt_xent(z1, z2, temperature, z1_all=None, z2_all=None, offset=0):
 def local_global_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None, offset=0):
     """CO-SimCLR local term. P*: local embeddings [B, L, D] of views 1/2 (anchors); z*: this rank's global
     embeddings [B, D]; z*_all: all ranks' [N, D]. Mean over the 2·B·L anchors."""
-    _check("P1", P1, 3)
-    _check("P2", P2, 3, P1.shape[-1])
-    _check("z1", z1, 2, P1.shape[-1])
-    _check("z2", z2, 2, P1.shape[-1])
-    if P1.shape != P2.shape or z1.shape != z2.shape or P1.shape[0] != z1.shape[0]:
-        raise ValueError(f"local_global_info_nce shapes: P {tuple(P1.shape)}/{tuple(P2.shape)}, "
-                         f"z {tuple(z1.shape)}/{tuple(z2.shape)}")
+    _check_local("local_global_info_nce", P1, P2, z1, z2)
     c1, c2, offset = _all_or_local(z1, z2, z1_all, z2_all, offset)
     B, L, N = P1.shape[0], P1.shape[1], c1.shape[0]
     candidates = F.normalize(torch.cat([c1, c2]), dim=1)                  # [2N, D]

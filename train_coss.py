@@ -346,6 +346,21 @@ def export_backbone(online, path):
 # ---------------------------------------------------------------------------------------------------------------
 # The run.
 
+def run_folder(cfg):
+    """<out_dir>/<run_name>; with no run_name, <method>_<backbone>_s<seed>_<start time>, and on resume the newest
+    such folder."""
+    out, name = cfg["training.out_dir"], cfg["training.run_name"]
+    if name:
+        return os.path.join(out, name)
+    base = (f"{cfg['method.name']}{'_logo' if cfg['method.logo'] else ''}_{cfg['model.backbone']}"
+            f"_s{cfg['training.seed']}_")
+    if cfg["training.resume"] and os.path.isdir(out):
+        earlier = sorted(d for d in os.listdir(out) if d.startswith(base))
+        if earlier:
+            return os.path.join(out, earlier[-1])
+    return os.path.join(out, base + time.strftime("%Y%m%d-%H%M%S"))
+
+
 def check_options(cfg, num_train, world):
     name = cfg["method.name"]
     if cfg["method.logo"] and name not in ("byol", "simclr"):
@@ -387,10 +402,11 @@ def train(cfg, on_step=None, log=print):
                eta=cfg["optim.lars_eta"])
     probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
     aff_opt = torch.optim.Adam(affinity.parameters(), lr=cfg["method.logo_affinity_lr"]) if affinity else None
-    run_dir = os.path.join(cfg["training.out_dir"], cfg["training.run_name"] or
-                           f"{cfg['method.name']}{'_logo' if cfg['method.logo'] else ''}_{cfg['model.backbone']}"
-                           f"_s{seed}")
+    run_dir = run_folder(cfg)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.isfile(ckpt_path) and not cfg["training.resume"]:
+        raise TrainingError(f"{run_dir} already holds a run; pass --training.resume=1 to continue it, or choose "
+                            f"another training.run_name")
 
     # random-init baseline (before any step), then resume if asked
     start_epoch, step, results = 0, 0, {}

@@ -101,6 +101,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(betons, tmp_path):
     with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint"):
         train(cfg, log=quiet)
     assert path.read_bytes() == before
+    with pytest.raises(TrainingError, match="already holds a run"):  # a fresh start never overwrites a run
+        train(tiny_cfg(betons, tmp_path, "--training.run_name=r", "--optim.epochs=1"), log=quiet)
+    assert path.read_bytes() == before
 
 
 def _cli(*args):
