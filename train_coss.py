@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from augment import ViewAugment, uint8_hwc_to_normalized
 from config import ConfigError, as_dict, load_config
@@ -453,6 +454,8 @@ def train(cfg, on_step=None, log=print):
             loader.generate_code()
         loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
         t_epoch, seen = time.perf_counter(), 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
+                   disable=None if is_main else True)  # None: shown on a terminal only
         for i, batch in enumerate(loader):
             views_u8, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).view(-1).long()
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
@@ -495,9 +498,13 @@ def train(cfg, on_step=None, log=print):
                        "probe_train_acc": float((probe_logits.argmax(1) == labels).float().mean()),
                        **{k: float(v.detach()) for k, v in terms.items()}}
                 _write_row(logfile, tb, row, step)
-                log(f"epoch {epoch} step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.3g} {rate:.0f} img/s")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_per_s=f"{rate:.0f}", refresh=False)
+                if bar.disable:  # no terminal: a plain log line instead of the bar
+                    log(f"epoch {epoch} step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.3g} {rate:.0f} img/s")
+            bar.update(1)
             if on_step is not None:
                 on_step(step)
+        bar.close()
         last = epoch == epochs - 1
         if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
             metrics = evaluate(cfg, online.backbone, probe, device, num_classes, cfg["augment.res"], last)
@@ -592,4 +599,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # numba's dispatcher finalisers (compiled FFCV pipelines) raise KeyErrors at interpreter shutdown and would
+    # bury the last line; everything is written and closed by now, so leave without running them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

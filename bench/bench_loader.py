@@ -204,4 +204,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
+    # numba's dispatcher finalisers (compiled FFCV pipelines) raise KeyErrors at interpreter shutdown and would
+    # bury the last line; everything is written and closed by now, so leave without running them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
