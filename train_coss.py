@@ -404,6 +404,10 @@ def train(cfg, on_step=None, log=print):
     probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
     aff_opt = torch.optim.Adam(affinity.parameters(), lr=cfg["method.logo_affinity_lr"]) if affinity else None
     run_dir = run_folder(cfg)
+    if world > 1:  # one folder for all ranks (its default name holds rank 0's start time)
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if os.path.isfile(ckpt_path) and not cfg["training.resume"]:
         raise TrainingError(f"{run_dir} already holds a run; pass --training.resume=1 to continue it, or choose "
