@@ -231,3 +231,16 @@ def test_progressive_resolution_changes_the_views(betons, tmp_path):
     run = train(cfg, log=quiet)["run_dir"]
     rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if '"loss"' in line]
     assert sorted({(r["epoch"], r["res"]) for r in rows}) == [(0, 8), (1, 16)]
+
+
+def test_run_folder_names(tmp_path):
+    cfg = load_config(None, [f"--training.out_dir={tmp_path}"])
+    first = train_coss.run_folder(cfg)
+    assert os.path.basename(first).startswith("co_byol_resnet18_w16_cifar_s0_")
+    for name in ("co_byol_resnet18_w16_cifar_s0_20260101-000000", "co_byol_resnet18_w16_cifar_s0_20260102-000000",
+                 "byol_resnet18_w16_cifar_s0_20270101-000000"):
+        os.makedirs(tmp_path / name)
+    resumed = train_coss.run_folder(load_config(None, [f"--training.out_dir={tmp_path}", "--training.resume=1"]))
+    assert os.path.basename(resumed) == "co_byol_resnet18_w16_cifar_s0_20260102-000000"  # newest of this method
+    named = load_config(None, [f"--training.out_dir={tmp_path}", "--training.run_name=mine"])
+    assert train_coss.run_folder(named) == os.path.join(str(tmp_path), "mine")
