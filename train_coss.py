@@ -250,7 +250,7 @@ def extract_features(backbone, loader, device):
     feats, labels = [], []
     for images, y in loader:
         x = uint8_hwc_to_normalized(images.to(device))
-        feats.append(F.normalize(backbone(x)[1].float(), dim=1).cpu())
+        feats.append(backbone(x)[1].float().cpu())  # pooled features [B, C], not normalised
         labels.append(y.view(-1).long().clone())  # FFCV reuses its output buffers: copy what we keep
     backbone.train()
     return torch.cat(feats), torch.cat(labels)
@@ -288,29 +288,21 @@ def feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, iters, w
 
 
 def evaluate(cfg, backbone, probe, device, num_classes, res, with_probe_fit):
+    """kNN on L2-normalised features, the online probe on the raw pooled features, and (at the end) a linear probe
+    fitted on the frozen normalised features; one feature pass over the bank and one over val."""
     train_f, train_y = extract_features(backbone, eval_loader(cfg, beton(cfg, "train"), cfg["eval.bank_images"],
                                                              res), device)
-    val_f, val_y = extract_features(backbone, eval_loader(cfg, beton(cfg, "val"), cfg["eval.val_images"], res),
-                                    device)
+    val_raw, val_y = extract_features(backbone, eval_loader(cfg, beton(cfg, "val"), cfg["eval.val_images"], res),
+                                      device)
+    train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_raw, dim=1)
     out = {"knn": knn_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.k"], cfg["eval.t"])}
-    if probe is not None:  # the online probe saw unnormalised features: re-extract without the L2 norm
+    if probe is not None:
         with torch.no_grad():
-            out["online_probe"] = _online_probe_accuracy(cfg, backbone, probe, device, res)
+            logits = probe(val_raw.to(device)).cpu()
+        out["online_probe"] = float((logits.argmax(1) == val_y).float().mean())
     if with_probe_fit and cfg["eval.probe_iters"]:
         out["probe"] = feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.probe_iters"])
     return out
-
-
-@torch.no_grad()
-def _online_probe_accuracy(cfg, backbone, probe, device, res):
-    backbone.eval()
-    correct = total = 0
-    for images, y in eval_loader(cfg, beton(cfg, "val"), cfg["eval.val_images"], res):
-        logits = probe(backbone(uint8_hwc_to_normalized(images.to(device)))[1].float())
-        correct += int((logits.argmax(1).cpu() == y.view(-1)).sum())
-        total += len(y)
-    backbone.train()
-    return correct / total
 
 
 # ---------------------------------------------------------------------------------------------------------------
