@@ -84,7 +84,7 @@ def num_images_and_classes(path):
     return len(labels), int(labels.max()) + 1
 
 
-def train_loader(cfg, path, indices, rank, world, res):
+def train_loader(cfg, path, indices, world, res):
     """Per sample: views [V, res, res, 3] uint8 cut from one decode (+ LoGo's two local crops), label."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
@@ -241,6 +241,41 @@ def method_loss(cfg, online, target, views, local_views, affinity):
     return loss, affinity_loss, terms, o1["y"]
 
 
+def train_step(cfg, nets, optimizers, views_u8, local_u8, labels, augments, gen, amp, tau, world, nan_context):
+    """One step: per-sample augmentations -> method loss -> backward -> optimiser; LoGo's affinity step; the
+    online probe on detached features; the EMA target. nets = (model (maybe DDP/compiled), online, target, probe,
+    affinity); optimizers = (opt, probe_opt, aff_opt). Returns (logged terms, probe logits)."""
+    model, online, target, probe, affinity = nets
+    opt, probe_opt, aff_opt = optimizers
+    views = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
+    local_views = None
+    if local_u8 is not None:
+        local_views = tuple(aug(local_u8[:, v], gen) for v, aug in enumerate(augments))
+    with amp:
+        loss, affinity_loss, terms, features = method_loss(cfg, model, target, views, local_views, affinity)
+    if not torch.isfinite(loss):  # sync
+        raise TrainingError(f"loss is {float(loss.detach())} {nan_context}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
+        aff_opt.zero_grad(set_to_none=True)
+        affinity_loss.backward()
+        if world > 1:  # f_d is small and steps on its own: average its gradients by hand
+            for p in affinity.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        aff_opt.step()
+    probe_logits = probe(features.detach().float())  # online probe: detached features, own optimiser
+    probe_loss = F.cross_entropy(probe_logits, labels)
+    probe_opt.zero_grad(set_to_none=True)
+    probe_loss.backward()
+    probe_opt.step()
+    if target is not None:
+        ema_update(target.tracked(), target.online_part(online), tau)
+    return terms, probe_logits
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: weighted kNN (k, T) on the val beton, and a linear probe on frozen features.
 
@@ -382,7 +417,7 @@ def train(cfg, on_step=None, log=print):
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
     res = resolution_at(cfg, 0)
-    loader, decoder = train_loader(cfg, train_path, np.arange(num_train), rank, world, res)
+    loader, decoder = train_loader(cfg, train_path, np.arange(num_train), world, res)
     augments = view_augments(cfg)
     steps_per_epoch = len(loader)
     epochs = cfg["optim.epochs"]
@@ -454,38 +489,15 @@ def train(cfg, on_step=None, log=print):
                    disable=None if is_main else True)  # None: shown on a terminal only
         for i, batch in enumerate(loader):
             views_u8, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).view(-1).long()
+            local_u8 = batch[2].to(device, non_blocking=True) if affinity is not None else None
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-            views = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
-            local_views = None
-            if affinity is not None:
-                local_u8 = batch[2].to(device, non_blocking=True)
-                local_views = tuple(aug(local_u8[:, v], gen) for v, aug in enumerate(augments))
             lr = lr_at(step, total_steps, cfg["optim.warmup_epochs"] * steps_per_epoch, peak_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with amp:
-                loss, affinity_loss, terms, features = method_loss(cfg, model, target, views, local_views, affinity)
-            if not torch.isfinite(loss):  # sync
-                raise TrainingError(f"loss is {float(loss.detach())} at epoch {epoch}, step {step}; the last good "
-                                    f"checkpoint is kept at {ckpt_path}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
-                aff_opt.zero_grad(set_to_none=True)
-                affinity_loss.backward()
-                if world > 1:  # f_d is small and steps on its own: average its gradients by hand
-                    for p in affinity.parameters():
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-                aff_opt.step()
-            probe_logits = probe(features.detach().float())  # online probe: detached features, own optimiser
-            probe_loss = F.cross_entropy(probe_logits, labels)
-            probe_opt.zero_grad(set_to_none=True)
-            probe_loss.backward()
-            probe_opt.step()
-            if target is not None:
-                ema_update(target.tracked(), target.online_part(online), tau_at(step, total_steps, cfg["optim.tau"]))
+            terms, probe_logits = train_step(
+                cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views_u8, local_u8, labels,
+                augments, gen, amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
+                f"at epoch {epoch}, step {step}; the last good checkpoint is kept at {ckpt_path}")
             step += 1
             seen += len(labels) * world
             if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):

@@ -42,20 +42,12 @@ def bench_one(method, backbone, res, batch, device, compile_, iters, warmup, loc
     labels = torch.randint(0, 100, (batch,), device=device, generator=gen)
 
     precomputed = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
+    # --fixed-views: the step gets the same, already augmented views (augmentations out of the timing)
+    step_augments = tuple((lambda x, g, v=v: precomputed[v]) for v in range(2)) if fixed_views else augments
 
     def step():
-        views = precomputed if fixed_views else tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
-        with amp:
-            loss, _, _, feats = train_coss.method_loss(cfg, model, target, views, None, None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        probe_loss = torch.nn.functional.cross_entropy(probe(feats.detach().float()), labels)
-        probe_opt.zero_grad(set_to_none=True)
-        probe_loss.backward()
-        probe_opt.step()
-        if target is not None:
-            train_coss.ema_update(target.tracked(), target.online_part(online), 0.99)
+        train_coss.train_step(cfg, (model, online, target, probe, None), (opt, probe_opt, None),
+                              views_u8, None, labels, step_augments, gen, amp, 0.99, 1, "")
 
     def sync():
         if device.type == "cuda":
