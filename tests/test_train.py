@@ -1,6 +1,7 @@
 """train_coss.py on tiny synthetic betons: every method runs, exact resume, DDP equivalence, NaN guard, bad input."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -137,6 +138,7 @@ def _ddp_worker(rank, world, port, method, x1, x2, out):
     torch.distributed.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / world, "grads": grads}, out)
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
@@ -168,7 +170,9 @@ def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path, method):
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
     loss, grads = _one_step(method, x1, x2, 1, 0)
     out = tmp_path / "rank0.pt"
-    port = 29500 + os.getpid() % 1000
+    with socket.socket() as s:  # a free port for this spawn (a fixed one can still be held by the previous test)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, method, x1, x2, str(out)), nprocs=2)
     got = torch.load(out, weights_only=False)
     torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
