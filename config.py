@@ -146,6 +146,8 @@ def _declare(cfg):
         synthetic_min_size=Param(StrictInt(1), "synthetic: smallest image side, px", default=24),
         synthetic_max_size=Param(StrictInt(1), "synthetic: largest image side, px", default=64),
         synthetic_classes=Param(StrictInt(1), "synthetic: number of classes", default=10),
+        decode=Param(Choice("cpu", "gpu"), "cpu: FFCV decodes and crops on the host; gpu: FFCV reads bytes, the GPU "
+                     "decodes each image once (nvJPEG) and kernels/crop.py cuts every view", default="cpu"),
     )
     Section("writer", "How write_ffcv.py encodes the beton", config_descriptor=cfg).params(
         write_mode=Param(Choice("raw", "jpg", "proportion", "smart"),
@@ -237,6 +239,8 @@ def _declare(cfg):
         log_every=Param(StrictInt(1), "steps between log lines", default=20),
         train_images=Param(StrictInt(0), "use only the first N train images (0 = all)", default=0),
         threads=Param(StrictInt(0), "torch CPU threads (0 = leave)", default=0),
+        kernels=Param(Choice("auto", "triton", "ref"), "fused Triton ops (kernels/): auto = on CUDA, the PyTorch "
+                      "references on CPU; ref = always the references", default="auto"),
     )
     Section("eval", "kNN monitor and linear probes (val beton)", config_descriptor=cfg).params(
         every=Param(StrictInt(0), "epochs between kNN evaluations (0 = only at the end)", default=0),

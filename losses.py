@@ -50,10 +50,12 @@ def byol_loss(p1, p2, z1, z2):
     return cosine_distance(p1, z2).mean() + cosine_distance(p2, z1).mean()
 
 
-def local_global_regression(P1, P2, z1, z2):
-    """CO-BYOL local term. P*: local predictions [B, L, D] of views 1/2; z*: global target projections [B, D]."""
+def local_global_regression(P1, P2, z1, z2, backend="auto"):
+    """CO-BYOL local term. P*: local predictions [B, L, D] of views 1/2; z*: global target projections [B, D].
+    backend: kernels/local_global_cosine.py's switch (auto: the fused Triton op on CUDA, the reference elsewhere)."""
+    from kernels.local_global_cosine import local_global_cosine
     _check_local("local_global_regression", P1, P2, z1, z2)
-    return cosine_distance(P1, z2[:, None]).mean() + cosine_distance(P2, z1[:, None]).mean()
+    return local_global_cosine(P1, z2, backend=backend) + local_global_cosine(P2, z1, backend=backend)
 
 
 def mix(global_loss, local_loss, w_s, form="convex"):

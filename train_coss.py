@@ -85,27 +85,37 @@ def num_images_and_classes(path):
 
 
 def train_loader(cfg, path, indices, world, res):
-    """Per sample: views [V, res, res, 3] uint8 cut from one decode (+ LoGo's two local crops), label."""
+    """data.decode=cpu: per sample, views [V, res, res, 3] uint8 cut from one decode (+ LoGo's two local crops)
+    and the label; the crop decoders are returned so progressive resolution can resize them.
+    data.decode=gpu: per sample, the stored bytes (gpu_views.ImageBytesDecoder) and the label; no decoders."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import ToTensor
     from multiview_decoder import MultiViewRandomResizedCropDecoder
     seed = cfg["training.seed"]
-    logo = cfg["method.logo"]
-    c_min = cfg["method.logo_global_cmin"] if logo else cfg["augment.c_min"]
-    decoder = MultiViewRandomResizedCropDecoder((res, res), 2, scale=(c_min, 1.0),
-                                                interpolation=cfg["augment.interpolation"], seed=seed)
-    pipelines = {"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]}
-    if logo:  # a second decoder on the same field: the local crops (this decodes the image a second time)
-        local = cfg["method.logo_local_res"]
-        pipelines["local"] = PipelineSpec("image", decoder=MultiViewRandomResizedCropDecoder(
-            (local, local), 2, scale=(0.05, cfg["method.logo_local_cmax"]),
-            interpolation=cfg["augment.interpolation"], seed=seed + 1), transforms=[ToTensor()])
+    if cfg["data.decode"] == "gpu":
+        from gpu_views import ImageBytesDecoder, max_image_bytes
+        decoders = []
+        pipelines = {"image": [ImageBytesDecoder(max_image_bytes(path)), ToTensor()],
+                     "label": [IntDecoder(), ToTensor()]}
+    else:
+        decoders = [MultiViewRandomResizedCropDecoder((res, res), 2, scale=(global_cmin(cfg), 1.0),
+                                                      interpolation=cfg["augment.interpolation"], seed=seed)]
+        pipelines = {"image": [decoders[0], ToTensor()], "label": [IntDecoder(), ToTensor()]}
+        if cfg["method.logo"]:  # a second decoder on the same field: the local crops (a second decode of the image)
+            local = cfg["method.logo_local_res"]
+            pipelines["local"] = PipelineSpec("image", decoder=MultiViewRandomResizedCropDecoder(
+                (local, local), 2, scale=(0.05, cfg["method.logo_local_cmax"]),
+                interpolation=cfg["augment.interpolation"], seed=seed + 1), transforms=[ToTensor()])
     loader = Loader(path, batch_size=cfg["optim.batch_size"], num_workers=cfg["augment.workers"],
                     order=OrderOption.RANDOM, seed=seed, indices=indices, drop_last=True, distributed=world > 1,
                     pipelines=pipelines)
-    return loader, decoder
+    return loader, decoders
+
+
+def global_cmin(cfg):
+    return cfg["method.logo_global_cmin"] if cfg["method.logo"] else cfg["augment.c_min"]
 
 
 def eval_loader(cfg, path, n_images, res):
@@ -127,6 +137,33 @@ def view_augments(cfg):
                   p_gray=cfg["augment.p_gray"])
     return (ViewAugment(p_blur=cfg["augment.p_blur1"], p_solarize=cfg["augment.p_solarize1"], **common),
             ViewAugment(p_blur=cfg["augment.p_blur2"], p_solarize=cfg["augment.p_solarize2"], **common))
+
+
+def view_maker(cfg, device):
+    """batch from the train loader -> (views, LoGo's local views or None, labels) on `device`: two normalised float
+    [B, 3, res, res] channels-last tensors (and two at logo_local_res), per-sample augmentations."""
+    augments = view_augments(cfg)
+    if cfg["data.decode"] == "gpu":
+        from gpu_views import GPUViews, upload
+        dtype = torch.bfloat16 if device.type == "cuda" and cfg["training.bf16"] else torch.float32
+        globals_ = GPUViews(augments, (global_cmin(cfg), 1.0), out_dtype=dtype, backend=cfg["training.kernels"])
+        locals_ = GPUViews(augments, (0.05, cfg["method.logo_local_cmax"]), out_dtype=dtype,
+                           backend=cfg["training.kernels"])
+
+        def make(batch, res, gen):
+            images = upload(batch[0], device)  # one decode per image for all views
+            local = locals_(images, cfg["method.logo_local_res"], gen) if cfg["method.logo"] else None
+            return globals_(images, res, gen), local, batch[1].to(device).view(-1).long()
+    else:
+        def make(batch, res, gen):
+            views_u8 = batch[0].to(device, non_blocking=True)                       # [B, 2, res, res, 3]
+            views = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
+            local = None
+            if cfg["method.logo"]:
+                local_u8 = batch[2].to(device, non_blocking=True)
+                local = tuple(aug(local_u8[:, v], gen) for v, aug in enumerate(augments))
+            return views, local, batch[1].to(device).view(-1).long()
+    return make
 
 
 def resolution_at(cfg, epoch):
@@ -217,7 +254,7 @@ def method_loss(cfg, online, target, views, local_views, affinity):
         t1, t2 = target(x1), target(x2)
         loss = terms["global"] = byol_loss(o1["p"], o2["p"], t1, t2)
         if name == "co_byol":
-            terms["local"] = local_global_regression(o1["P"], o2["P"], t1, t2)
+            terms["local"] = local_global_regression(o1["P"], o2["P"], t1, t2, cfg["training.kernels"])
             loss = mix(loss, terms["local"], w_s, cfg["method.mixing"])
     else:
         z1_all, z2_all = gather_with_grad(o1["z"]), gather_with_grad(o2["z"])
@@ -241,16 +278,12 @@ def method_loss(cfg, online, target, views, local_views, affinity):
     return loss, affinity_loss, terms, o1["y"]
 
 
-def train_step(cfg, nets, optimizers, views_u8, local_u8, labels, augments, gen, amp, tau, world, nan_context):
-    """One step: per-sample augmentations -> method loss -> backward -> optimiser; LoGo's affinity step; the
+def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, world, nan_context):
+    """One step on augmented views (view_maker): method loss -> backward -> optimiser; LoGo's affinity step; the
     online probe on detached features; the EMA target. nets = (model (maybe DDP/compiled), online, target, probe,
     affinity); optimizers = (opt, probe_opt, aff_opt). Returns (logged terms, probe logits)."""
     model, online, target, probe, affinity = nets
     opt, probe_opt, aff_opt = optimizers
-    views = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
-    local_views = None
-    if local_u8 is not None:
-        local_views = tuple(aug(local_u8[:, v], gen) for v, aug in enumerate(augments))
     with amp:
         loss, affinity_loss, terms, features = method_loss(cfg, model, target, views, local_views, affinity)
     if not torch.isfinite(loss):  # sync
@@ -417,8 +450,8 @@ def train(cfg, on_step=None, log=print):
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
     res = resolution_at(cfg, 0)
-    loader, decoder = train_loader(cfg, train_path, np.arange(num_train), world, res)
-    augments = view_augments(cfg)
+    loader, decoders = train_loader(cfg, train_path, np.arange(num_train), world, res)
+    make_views = view_maker(cfg, device)
     steps_per_epoch = len(loader)
     epochs = cfg["optim.epochs"]
     total_steps = epochs * steps_per_epoch
@@ -479,30 +512,30 @@ def train(cfg, on_step=None, log=print):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["training.bf16"])
 
     for epoch in range(start_epoch, epochs):
-        new_res = resolution_at(cfg, epoch)
-        if new_res != decoder.output_size[0]:
-            decoder.output_size = (new_res, new_res)
-            loader.generate_code()
+        if resolution_at(cfg, epoch) != res:
+            res = resolution_at(cfg, epoch)
+            if decoders:  # CPU path: the crop decoders resize in the loader's threads
+                decoders[0].output_size = (res, res)
+                loader.generate_code()
         loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
         t_epoch, seen = time.perf_counter(), 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
                    disable=None if is_main else True)  # None: shown on a terminal only
         for i, batch in enumerate(loader):
-            views_u8, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).view(-1).long()
-            local_u8 = batch[2].to(device, non_blocking=True) if affinity is not None else None
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+            views, local_views, labels = make_views(batch, res, gen)
             lr = lr_at(step, total_steps, cfg["optim.warmup_epochs"] * steps_per_epoch, peak_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             terms, probe_logits = train_step(
-                cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views_u8, local_u8, labels,
-                augments, gen, amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
+                cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views, local_views, labels,
+                amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
                 f"at epoch {epoch}, step {step}; the last good checkpoint is kept at {ckpt_path}")
             step += 1
             seen += len(labels) * world
             if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):
                 rate = seen / (time.perf_counter() - t_epoch)
-                row = {"epoch": epoch, "step": step, "lr": lr, "res": decoder.output_size[0], "img_per_s": rate,
+                row = {"epoch": epoch, "step": step, "lr": lr, "res": res, "img_per_s": rate,
                        "probe_train_acc": float((probe_logits.argmax(1) == labels).float().mean()),
                        **{k: float(v.detach()) for k, v in terms.items()}}
                 _write_row(logfile, tb, row, step)

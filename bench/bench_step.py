@@ -42,12 +42,11 @@ def bench_one(method, backbone, res, batch, device, compile_, iters, warmup, loc
     labels = torch.randint(0, 100, (batch,), device=device, generator=gen)
 
     precomputed = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
-    # --fixed-views: the step gets the same, already augmented views (augmentations out of the timing)
-    step_augments = tuple((lambda x, g, v=v: precomputed[v]) for v in range(2)) if fixed_views else augments
 
-    def step():
+    def step():  # --fixed-views: the step gets the same, already augmented views (augmentations out of the timing)
+        views = precomputed if fixed_views else tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
         train_coss.train_step(cfg, (model, online, target, probe, None), (opt, probe_opt, None),
-                              views_u8, None, labels, step_augments, gen, amp, 0.99, 1, "")
+                              views, None, labels, amp, 0.99, 1, "")
 
     def sync():
         if device.type == "cuda":

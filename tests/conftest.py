@@ -6,6 +6,13 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors under Triton's interpreter (fp32); it must be on before kernels/ is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (runs on the device machine)")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -19,6 +26,15 @@ def _fast_ffcv():
     from ffcv.pipeline.compiler import Compiler
     Compiler.set_enabled(False)
     yield
+
+
+@pytest.fixture
+def poison():
+    """Kernel output buffers start as NaN for the test, so an element a kernel forgets to write fails it."""
+    import kernels
+    kernels.POISON = True
+    yield
+    kernels.POISON = False
 
 
 def make_cfg(tmp_path, **overrides):

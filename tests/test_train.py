@@ -67,6 +67,20 @@ def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method,
     assert os.path.getsize(png) > 1000
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method,logo,kernels", [("co_byol", 0, "triton"), ("byol", 1, "ref")])
+def test_gpu_data_path_trains_with_the_fused_ops(betons, tmp_path, method, logo, kernels):
+    """data.decode=gpu (bytes from FFCV, views cut by kernels/crop.py) end to end; on CPU, training.kernels=triton
+    runs the Triton kernels under the interpreter inside the real training step."""
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}", "--optim.epochs=1",
+                   "--data.decode=gpu", f"--training.kernels={kernels}")
+    results = train(cfg, log=quiet)
+    rows = [json.loads(line) for line in open(os.path.join(results["run_dir"], "log.jsonl"))]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert 0 <= results["epoch0"]["knn"] <= 1
+
+
 class _Crash(Exception):
     pass
 
