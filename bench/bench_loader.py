@@ -11,7 +11,11 @@ under bench/_data):
       - FFCV, two pipelines on one field (how plain FFCV makes two views: it decodes each image twice)
       - FFCV, MultiViewRandomResizedCropDecoder (decodes each image once, cuts both views), with FFCV's INTER_AREA
         resize and with our bilinear one
-      on the JPEG beton and on the raw-pixel beton, with the same number of workers and batch size.
+      on the JPEG beton and on the raw-pixel beton, with the same number of workers and batch size;
+    - with CUDA (or --gpu 1): the data.decode=gpu path, FFCV handing over the stored bytes, nvJPEG decoding each
+      image once and kernels/crop.py cutting the views (crop, flip, colour jitter, gray, blur, solarize, normalise:
+      the CPU readers above stop at uint8 crops, so this one does more work), for two views and for LoGo's
+      2 global + 2 local (--local-res) crops; and the CPU path's LoGo crops (a second pipeline for the local pair).
 Each reader runs one untimed warm-up epoch (numba compilation, page cache), then --epochs timed epochs; the
 median epoch gives img/s (one image = two views). Ratios are against the torchvision loader.
 """
@@ -152,6 +156,55 @@ def ffcv_reader(path, res, workers, batch, decode_once, interpolation="area"):
     return run, len(loader.indices)
 
 
+def ffcv_logo_reader(path, res, local_res, workers, batch):
+    """The CPU path of train_coss.py for LoGo: two global views from one decode, two local from a second."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToTensor
+    from multiview_decoder import MultiViewRandomResizedCropDecoder
+    pipelines = {"image": [MultiViewRandomResizedCropDecoder((res, res), 2, scale=(0.4, 1.0),
+                                                             interpolation="bilinear"), ToTensor()],
+                 "local": PipelineSpec("image", decoder=MultiViewRandomResizedCropDecoder(
+                     (local_res, local_res), 2, scale=(0.05, 0.4), interpolation="bilinear"), transforms=[ToTensor()]),
+                 "label": [IntDecoder(), ToTensor()]}
+    loader = Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
+                    drop_last=False, pipelines=pipelines)
+
+    def run():
+        for out in loader:
+            yield out[0].shape[0]
+    return run, len(loader.indices)
+
+
+def gpu_reader(path, res, workers, batch, local_res=0):
+    """data.decode=gpu: bytes from FFCV -> upload / nvJPEG -> crop_views (all views, augmented, bf16)."""
+    import torch
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    from augment import byol_view_augments
+    from gpu_views import GPUViews, ImageBytesDecoder, max_image_bytes, upload
+    device = torch.device("cuda")
+    loader = Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
+                    drop_last=False, pipelines={"image": [ImageBytesDecoder(max_image_bytes(path)), ToTensor()],
+                                                "label": [IntDecoder(), ToTensor()]})
+    augments = byol_view_augments()
+    global_views = GPUViews(augments, (0.4 if local_res else 0.08, 1.0))
+    local_views = GPUViews(augments, (0.05, 0.4))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def run():
+        for images_bytes, _ in loader:
+            images = upload(images_bytes, device)
+            views = global_views(images, res, gen)
+            if local_res:
+                views += local_views(images, local_res, gen)
+            yield images_bytes.shape[0]
+        torch.cuda.synchronize()  # sync: the epoch ends when the GPU has cut every view
+    return run, len(loader.indices)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000, help="train images in the synthetic JPEG tree")
@@ -161,6 +214,9 @@ def main():
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per reader (after one warm-up epoch)")
     p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"), help="cache for JPEGs and betons")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--local-res", type=int, default=96, help="LoGo readers: side of the two local crops, px")
+    p.add_argument("--gpu", type=int, default=-1, help="1: add the data.decode=gpu readers (default: if CUDA)")
+    p.add_argument("--skip-baselines", type=int, default=0, help="1: only the decode-once and GPU readers")
     args = p.parse_args()
 
     tree = os.path.join(args.data, f"jpegs_{args.images}")
@@ -174,11 +230,24 @@ def main():
 
     readers = [("torchvision ImageFolder+PIL+DataLoader", lambda: torchvision_reader(tree, args.res, args.workers,
                                                                                        args.batch))]
+    import torch
+    gpu = torch.cuda.is_available() if args.gpu < 0 else bool(args.gpu)
     for mode in ("jpg", "raw"):
         for once, interp in ((False, "area"), (True, "area"), (True, "bilinear")):
+            if args.skip_baselines and not (once and interp == "bilinear"):
+                continue
             name = f"FFCV {mode} beton, " + (f"decode once, {interp}" if once else "two pipelines (plain FFCV)")
             readers.append((name, lambda m=mode, o=once, i=interp: ffcv_reader(written[m]["path"], args.res,
                                                                                args.workers, args.batch, o, i)))
+        readers.append((f"FFCV {mode} beton, LoGo 2+2 crops ({args.local_res} px local), CPU path",
+                        lambda m=mode: ffcv_logo_reader(written[m]["path"], args.res, args.local_res, args.workers,
+                                                        args.batch)))
+        if gpu:
+            readers.append((f"FFCV {mode} beton, data.decode=gpu, 2 views augmented",
+                            lambda m=mode: gpu_reader(written[m]["path"], args.res, args.workers, args.batch)))
+            readers.append((f"FFCV {mode} beton, data.decode=gpu, LoGo 2+2 augmented",
+                            lambda m=mode: gpu_reader(written[m]["path"], args.res, args.workers, args.batch,
+                                                      args.local_res)))
     results = []
     for name, build in readers:
         run, n = build()

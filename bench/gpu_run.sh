@@ -1,23 +1,46 @@
 #!/usr/bin/env bash
 # One device call proves the project on the GPU machine (Python 3.12, torch/triton/numba/opencv, no FFCV, no
 # registry) and measures it. Prepare here first:  bash bench/build_gpu_wheels.sh   (fills .whl/, git-ignored)
-# Then run on the device with `.whl` carried:      bash bench/gpu_run.sh
-# Writes under $OUT (default ./gpu_out): gpu.txt, pytest.log, bench_loader.log/.json, bench_gpu_decode.log.
+# Then, on the device with `.whl` carried:         bash bench/gpu_run.sh [STAGE ...]
+# Stages (default: all, in this order): tests (GPU cases: kernels, GPU data path, CUDA trainer), suite (the whole
+# test suite), kernels (bench_kernels.py), loader (bench_loader.py with the data.decode=gpu readers), throughput
+# (bench/throughput.py grid; THROUGHPUT_ARGS overrides it), step (bench_step.py: CO-BYOL R50 224).
+# Writes under $OUT (default ./gpu_out): gpu.txt and one .log (+ .json) per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "gpu_run: installing the carried wheels failed (run bench/build_gpu_wheels.sh here first)"; exit 1; }
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; echo "cpus $(nproc)"
   python3 -c "import sys, torch, torchvision, triton, numba, numpy, cv2, ffcv; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__, 'triton', triton.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, 'opencv', cv2.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
+stages=("$@"); [ ${#stages[@]} = 0 ] && stages=(tests suite kernels loader throughput step)
 status=0
-# The whole suite (CPU tests too: they prove FFCV works here). Fashion-MNIST's Debian package is not on this image.
-python3 -m pytest -q -p no:cacheprovider tests -k "not fashion_mnist" 2>&1 | tee "$OUT/pytest.log" | tail -5
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-for w in "$(nproc)" 4; do python3 bench/bench_loader.py --images "${BENCH_IMAGES:-4000}" --workers "$w" --epochs 3 \
-  --json "$OUT/bench_loader_w$w.json" 2>&1 | grep -v "it/s\|img/s]" | grep -v "^ \|KeyError\|Traceback\|Exception ignored" \
-  | tee "$OUT/bench_loader_w$w.log"; done
-python3 bench/bench_gpu_decode.py --tree "bench/_data/jpegs_${BENCH_IMAGES:-4000}" 2>&1 | tee "$OUT/bench_gpu_decode.log"
+clean() { grep -v "it/s\]\|img/s\]\|^ \|KeyError\|Traceback\|Exception ignored\|weakref\|finalizer"; }
+for stage in "${stages[@]}"; do
+  echo "== $stage ($(date -u +%T))"
+  case $stage in
+    tests)  # Fashion-MNIST's Debian package is not on this image
+      python3 -m pytest -q -p no:cacheprovider -rs tests/test_local_global_cosine.py tests/test_crop.py \
+        tests/test_gpu_views.py tests/test_train.py -k "gpu or cuda or kernels or bf16 or half or views or cosine" \
+        2>&1 | tee "$OUT/tests.log" | tail -15; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+    suite)
+      python3 -m pytest -q -p no:cacheprovider tests -k "not fashion_mnist" 2>&1 | tee "$OUT/suite.log" | tail -8
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+    kernels)
+      python3 bench/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" ;;
+    loader)
+      python3 bench/bench_loader.py --images "${BENCH_IMAGES:-4000}" --workers "$(nproc)" --epochs 2 --batch 256 \
+        --skip-baselines 1 --json "$OUT/bench_loader.json" 2>&1 | clean | tee "$OUT/bench_loader.log" ;;
+    throughput)
+      # shellcheck disable=SC2086
+      python3 bench/throughput.py ${THROUGHPUT_ARGS:---images 20000 --method byol co_byol --backbone resnet18 \
+        --res 160 --decode cpu gpu} --json "$OUT/throughput.json" 2>&1 | clean | tee "$OUT/throughput.log" ;;
+    step)
+      python3 bench/bench_step.py --method byol co_byol --backbone resnet50 --res 224 --batch 256 2>&1 \
+        | tee "$OUT/bench_step.log" ;;
+    *) echo "gpu_run: unknown stage $stage"; status=1 ;;
+  esac
+done
 exit $status

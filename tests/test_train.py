@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from config import load_config
-from conftest import REPO
+from conftest import REPO, needs_cuda
 import train_coss
 from train_coss import (LARS, TrainingError, feature_probe_accuracy, knn_accuracy, lr_at, param_groups,
                         resolution_at, tau_at, train)
@@ -22,7 +22,8 @@ TINY = ["--data.source=synthetic", "--data.synthetic_images=96", "--data.synthet
         "--method.proj_dim=16", "--method.pred_hidden=32", "--method.local_hidden=16", "--augment.res=16",
         "--augment.workers=1", "--optim.batch_size=16", "--optim.epochs=2", "--training.train_images=64",
         "--training.log_every=1", "--eval.bank_images=48", "--eval.val_images=24", "--eval.probe_iters=20",
-        "--eval.random_init=0", "--method.logo_local_res=8", "--training.threads=1"]
+        "--eval.random_init=0", "--method.logo_local_res=8", "--training.threads=1",
+        "--training.device=cpu"]  # CPU even on a GPU machine: exact resume and DDP-vs-one-rank need determinism
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,18 @@ def test_gpu_data_path_trains_with_the_fused_ops(betons, tmp_path, method, logo,
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert 0 <= results["epoch0"]["knn"] <= 1
+
+
+@needs_cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method,logo,decode", [("co_byol", 0, "gpu"), ("co_simclr", 0, "cpu"), ("byol", 1, "gpu")])
+def test_trains_on_the_gpu_with_bf16_and_the_fused_ops(betons, tmp_path, method, logo, decode):
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}", "--optim.epochs=1",
+                   f"--data.decode={decode}", "--training.device=cuda", "--training.compile=1")
+    results = train(cfg, log=quiet)
+    rows = [json.loads(line) for line in open(os.path.join(results["run_dir"], "log.jsonl"))]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert "cuda" in json.load(open(os.path.join(results["run_dir"], "env.json")))["device"]
 
 
 class _Crash(Exception):

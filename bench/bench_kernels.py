@@ -1,0 +1,184 @@
+"""Benchmark (not a test): the fused ops of kernels/ against eager PyTorch and torch.compile, on one CUDA GPU.
+
+    python bench/bench_kernels.py                  # all three ops, default shapes
+    python bench/bench_kernels.py --json out.json
+
+  local_global_cosine   CO-BYOL's local term for one view, forward + backward, bf16 P [B, L, D]:
+                        Triton kernels vs the eager reference vs torch.compile(reference)
+  local InfoNCE         CO-SimCLR's local term (both views, [2BL, 2B] logits), forward + backward:
+                        eager vs torch.compile (issue: fuse, or show compile is within 10 % of a fused op)
+  crop_views            two augmented 224 px views per image from decoded ImageNet-sized images on the GPU:
+                        the Triton kernels vs an eager pipeline (roi_align crops + augment.py's batched colour ops)
+Times: CUDA events, median of --iters after --warmup untimed runs (compilation). The memory floor of an op is the
+bytes it must move (read its inputs once, write its outputs once) over the copy bandwidth measured here.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from augment import apply_color_ops, byol_view_augments, normalize  # noqa: E402
+from kernels.crop import crop_views, random_resized_crops, ragged_from_list  # noqa: E402
+from kernels.local_global_cosine import local_global_cosine, local_global_cosine_ref  # noqa: E402
+from losses import local_global_info_nce  # noqa: E402
+
+
+def timed(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)  # ms
+
+
+def copy_bandwidth():
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x), 20, 5)
+    return 2 * x.numel() / (ms * 1e-3)  # bytes/s (read + write)
+
+
+def bench_cosine(shapes, iters, warmup, bw):
+    rows = []
+    compiled_ref = torch.compile(local_global_cosine_ref)
+    for B, L, D in shapes:
+        P = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        Z = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
+
+        def run(fn):
+            def step():
+                P.grad = None
+                fn(P, Z).backward()
+            return timed(step, iters, warmup)
+        floor = 3 * P.numel() * P.element_size() / bw * 1e3  # fwd reads P; bwd reads P, writes dP
+        t = {"triton": run(lambda p, z: local_global_cosine(p, z, backend="triton")),
+             "eager": run(local_global_cosine_ref), "compile": run(compiled_ref)}
+        rows.append({"op": "local_global_cosine fwd+bwd", "shape": f"B={B} L={L} D={D} bf16", **t,
+                     "floor_ms": floor})
+    return rows
+
+
+def bench_infonce(shapes, iters, warmup, bw, temperature=0.2):
+    rows = []
+    compiled = torch.compile(local_global_info_nce)
+    for B, L, D in shapes:
+        P1, P2 = (torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        z1, z2 = (torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+
+        def run(fn):
+            def step():
+                for t in (P1, P2, z1, z2):
+                    t.grad = None
+                fn(P1, P2, z1, z2, temperature).backward()
+            return timed(step, iters, warmup)
+        # a fused op reads P1, P2, z1, z2 and writes their gradients; the [2BL, 2B] logits never reach memory
+        floor = 2 * (2 * P1.numel() + 2 * z1.numel()) * 2 / bw * 1e3
+        rows.append({"op": "local InfoNCE fwd+bwd", "shape": f"B={B} L={L} D={D} bf16",
+                     "eager": run(local_global_info_nce), "compile": run(compiled), "floor_ms": floor})
+    return rows
+
+
+def imagenet_like(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(int(h), int(w)) for h, w in zip(torch.randint(300, 501, (n,), generator=g),
+                                              torch.randint(300, 501, (n,), generator=g))]
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device="cuda") for h, w in sizes]
+
+
+def bench_crop(batch, size, iters, warmup, bw):
+    from torchvision.ops import roi_align
+    images = imagenet_like(batch)
+    ragged = ragged_from_list(images, "chw")
+    augments = byol_view_augments()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    V = len(augments)
+
+    def params():
+        crops = random_resized_crops(ragged.height.repeat(V), ragged.width.repeat(V), (0.08, 1.0), (3 / 4, 4 / 3),
+                                     gen)
+        crops = crops._replace(src=torch.arange(batch, device="cuda").repeat(V))
+        sampled = [a.sample(batch, size, gen, "cuda") for a in augments]
+        color = {k: torch.cat([s[k] for s in sampled]) for k in sampled[0] if k != "kernel_size"}
+        color["kernel_size"] = sampled[0]["kernel_size"]
+        return crops, color
+
+    crops, color = params()
+    fused = timed(lambda: crop_views(ragged, crops, color, size), iters, warmup)
+    with_sampling = timed(lambda: crop_views(ragged, *params(), size), iters, warmup)
+
+    hmax, wmax = int(ragged.height.max()), int(ragged.width.max())
+    padded = torch.zeros(batch, 3, hmax, wmax, device="cuda")
+    for i, t in enumerate(images):
+        padded[i, :, :t.shape[1], :t.shape[2]] = t.float() / 255
+
+    def eager():
+        boxes = torch.stack([crops.src.double(), crops.left.double(), crops.top.double(),
+                             (crops.left + crops.width).double(), (crops.top + crops.height).double()], 1).float()
+        x = roi_align(padded, boxes, (size, size), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+        x = torch.where(crops.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        out = []
+        for v in range(V):
+            sl = slice(v * batch, (v + 1) * batch)
+            p = {k: (t[sl] if torch.is_tensor(t) else t) for k, t in color.items()}
+            out.append(normalize(apply_color_ops(x[sl], p)).to(torch.bfloat16))
+        return out
+    eager_ms = timed(eager, iters, warmup)
+    out_bytes = V * batch * 3 * size * size * 2
+    floor = out_bytes / bw * 1e3  # writing the bf16 views (reads of the source pixels come on top)
+    return [{"op": f"crop_views, {V} views at {size} px", "shape": f"{batch} images ~400x400",
+             "triton": fused, "triton+sampling": with_sampling, "eager": eager_ms, "floor_ms": floor,
+             "img_per_s_triton": batch / (with_sampling * 1e-3), "img_per_s_eager": batch / (eager_ms * 1e-3)}]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--crop-batch", type=int, default=256)
+    p.add_argument("--json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels: needs a CUDA GPU")
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows = bench_cosine([(256, 49, 256), (256, 196, 256), (512, 49, 256), (256, 49, 1024), (64, 1, 256)],
+                        args.iters, args.warmup, bw)
+    rows += bench_infonce([(256, 49, 256), (256, 196, 256), (128, 49, 256)], args.iters, args.warmup, bw)
+    rows += bench_crop(args.crop_batch, 224, args.iters, args.warmup, bw)
+    rows += bench_crop(args.crop_batch, 96, args.iters, args.warmup, bw)
+    print("\n| op | shape | Triton ms | eager ms | compile ms | floor ms | Triton / floor | eager / Triton |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        tri = r.get("triton+sampling", r.get("triton"))
+        cells = [f"{r[k]:.3f}" if k in r else "–" for k in ("eager", "compile")]
+        ratio = f"{tri / r['floor_ms']:.1f}x" if tri else "–"
+        speed = f"{r['eager'] / tri:.1f}x" if tri else "–"
+        print(f"| {r['op']} | {r['shape']} | {tri:.3f} | {cells[0]} | {cells[1]} | {r['floor_ms']:.3f} | {ratio} | "
+              f"{speed} |" if tri else
+              f"| {r['op']} | {r['shape']} | – | {cells[0]} | {cells[1]} | {r['floor_ms']:.3f} | – | – |")
+    for r in rows:
+        if "img_per_s_triton" in r:
+            print(f"{r['op']}: {r['img_per_s_triton']:.0f} img/s fused (parameter sampling included; "
+                  f"{r['triton']:.2f} ms without), {r['img_per_s_eager']:.0f} img/s eager")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "bandwidth": bw,
+                       "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
