@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from augment import ViewAugment, uint8_hwc_to_normalized
 from config import ConfigError, as_dict, load_config
-from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
-                    local_global_regression, logo_affinity_losses, mix, nt_xent)
+from kernels.local_info_nce import local_info_nce
+from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_regression,
+                    logo_affinity_losses, mix, nt_xent)
 from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
 from rf_resnet import build_backbone
 
@@ -261,7 +262,8 @@ def method_loss(cfg, online, target, views, local_views, affinity):
         offset = (dist.get_rank() * o1["z"].shape[0]) if z1_all.shape[0] != o1["z"].shape[0] else 0
         loss = terms["global"] = nt_xent(o1["z"], o2["z"], T, z1_all, z2_all, offset)
         if name == "co_simclr":
-            terms["local"] = local_global_info_nce(o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset)
+            terms["local"] = local_info_nce(o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset,
+                                            backend=cfg["training.kernels"])
             loss = mix(loss, terms["local"], w_s, cfg["method.mixing"])
     affinity_loss = None
     if local_views is not None:  # LoGo: L_gg (above) + L_lg + lambda L_ll
@@ -504,9 +506,13 @@ def train(cfg, on_step=None, log=print):
             json.dump(environment(device, world), fh, indent=1)
     model = online
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+        # broadcast_buffers=False: each rank keeps its BN running statistics (eval uses rank 0's); broadcasting them at
+        # every forward both costs a collective per view and, on some torch versions, bumps tensors saved for backward
+        model = nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
     if cfg["training.compile"]:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # one graph per resolution (LoGo, progressive res); dynamic
+        # shapes hit an inductor stride assertion in channels-last conv backward (torch 2.11, H100)
     tb = _tensorboard(run_dir) if is_main else None
     logfile = open(os.path.join(run_dir, "log.jsonl"), "a") if is_main else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["training.bf16"])

@@ -6,11 +6,14 @@
   local_global_cosine   CO-BYOL's local term for one view, forward + backward, bf16 P [B, L, D]:
                         Triton kernels vs the eager reference vs torch.compile(reference)
   local InfoNCE         CO-SimCLR's local term (both views, [2BL, 2B] logits), forward + backward:
-                        eager vs torch.compile (issue: fuse, or show compile is within 10 % of a fused op)
+                        the Triton kernels (kernels/local_info_nce.py) vs eager vs torch.compile
   crop_views            two augmented 224 px views per image from decoded ImageNet-sized images on the GPU:
                         the Triton kernels vs an eager pipeline (roi_align crops + augment.py's batched colour ops)
-Times: CUDA events, median of --iters after --warmup untimed runs (compilation). The memory floor of an op is the
-bytes it must move (read its inputs once, write its outputs once) over the copy bandwidth measured here.
+Times: GPU time, the summed durations of every kernel (and copy) an op launches, read with torch.profiler over
+--iters runs after --warmup untimed runs (compilation): inside a training step the GPU is fed ahead of time, so this
+is what an op costs there. Beside it, wall time per call (CUDA events, median), which small ops spend on the host
+(Python, launches). The memory floor of an op is the bytes it must move (read its inputs once, write its outputs
+once) over the copy bandwidth measured here.
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ sys.path.insert(0, REPO)
 from augment import apply_color_ops, byol_view_augments, normalize  # noqa: E402
 from kernels.crop import crop_views, random_resized_crops, ragged_from_list  # noqa: E402
 from kernels.local_global_cosine import local_global_cosine, local_global_cosine_ref  # noqa: E402
+from kernels.local_info_nce import local_info_nce  # noqa: E402
 from losses import local_global_info_nce  # noqa: E402
 
 
@@ -43,6 +47,25 @@ def timed(fn, iters, warmup):
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)  # ms
+
+
+def gpu_ms(fn, iters, warmup):
+    """Summed GPU time of every kernel/copy fn launches, per call (torch.profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return us / iters / 1e3
+
+
+def both(fn, iters, warmup):
+    return gpu_ms(fn, iters, warmup), timed(fn, iters, 0)
 
 
 def copy_bandwidth():
@@ -63,7 +86,7 @@ def bench_cosine(shapes, iters, warmup, bw):
             def step():
                 P.grad = None
                 fn(P, Z).backward()
-            return timed(step, iters, warmup)
+            return both(step, iters, warmup)
         floor = 3 * P.numel() * P.element_size() / bw * 1e3  # fwd reads P; bwd reads P, writes dP
         t = {"triton": run(lambda p, z: local_global_cosine(p, z, backend="triton")),
              "eager": run(local_global_cosine_ref), "compile": run(compiled_ref)}
@@ -84,10 +107,11 @@ def bench_infonce(shapes, iters, warmup, bw, temperature=0.2):
                 for t in (P1, P2, z1, z2):
                     t.grad = None
                 fn(P1, P2, z1, z2, temperature).backward()
-            return timed(step, iters, warmup)
-        # a fused op reads P1, P2, z1, z2 and writes their gradients; the [2BL, 2B] logits never reach memory
-        floor = 2 * (2 * P1.numel() + 2 * z1.numel()) * 2 / bw * 1e3
+            return both(step, iters, warmup)
+        # read P1, P2 (forward) and again with dP written (backward); dS [BL, 2B] bf16 written and read once per view
+        floor = (3 * 2 * P1.numel() * 2 + 2 * 2 * B * L * 2 * B * 2) / bw * 1e3
         rows.append({"op": "local InfoNCE fwd+bwd", "shape": f"B={B} L={L} D={D} bf16",
+                     "triton": run(lambda *a: local_info_nce(*a, backend="triton")),
                      "eager": run(local_global_info_nce), "compile": run(compiled), "floor_ms": floor})
     return rows
 
@@ -117,8 +141,8 @@ def bench_crop(batch, size, iters, warmup, bw):
         return crops, color
 
     crops, color = params()
-    fused = timed(lambda: crop_views(ragged, crops, color, size), iters, warmup)
-    with_sampling = timed(lambda: crop_views(ragged, *params(), size), iters, warmup)
+    fused = both(lambda: crop_views(ragged, crops, color, size), iters, warmup)
+    with_sampling = both(lambda: crop_views(ragged, *params(), size), iters, warmup)
 
     hmax, wmax = int(ragged.height.max()), int(ragged.width.max())
     padded = torch.zeros(batch, 3, hmax, wmax, device="cuda")
@@ -136,12 +160,12 @@ def bench_crop(batch, size, iters, warmup, bw):
             p = {k: (t[sl] if torch.is_tensor(t) else t) for k, t in color.items()}
             out.append(normalize(apply_color_ops(x[sl], p)).to(torch.bfloat16))
         return out
-    eager_ms = timed(eager, iters, warmup)
+    eager_ms = both(eager, iters, warmup)
     out_bytes = V * batch * 3 * size * size * 2
     floor = out_bytes / bw * 1e3  # writing the bf16 views (reads of the source pixels come on top)
     return [{"op": f"crop_views, {V} views at {size} px", "shape": f"{batch} images ~400x400",
              "triton": fused, "triton+sampling": with_sampling, "eager": eager_ms, "floor_ms": floor,
-             "img_per_s_triton": batch / (with_sampling * 1e-3), "img_per_s_eager": batch / (eager_ms * 1e-3)}]
+             "img_per_s_triton": batch / (with_sampling[1] * 1e-3), "img_per_s_eager": batch / (eager_ms[1] * 1e-3)}]
 
 
 def main():
@@ -160,20 +184,24 @@ def main():
     rows += bench_infonce([(256, 49, 256), (256, 196, 256), (128, 49, 256)], args.iters, args.warmup, bw)
     rows += bench_crop(args.crop_batch, 224, args.iters, args.warmup, bw)
     rows += bench_crop(args.crop_batch, 96, args.iters, args.warmup, bw)
-    print("\n| op | shape | Triton ms | eager ms | compile ms | floor ms | Triton / floor | eager / Triton |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| op | shape | Triton GPU ms | eager GPU ms | compile GPU ms | floor ms | Triton / floor | eager / Triton "
+          "| compile / Triton | wall ms Triton / eager / compile |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        tri = r.get("triton+sampling", r.get("triton"))
-        cells = [f"{r[k]:.3f}" if k in r else "–" for k in ("eager", "compile")]
-        ratio = f"{tri / r['floor_ms']:.1f}x" if tri else "–"
-        speed = f"{r['eager'] / tri:.1f}x" if tri else "–"
-        print(f"| {r['op']} | {r['shape']} | {tri:.3f} | {cells[0]} | {cells[1]} | {r['floor_ms']:.3f} | {ratio} | "
-              f"{speed} |" if tri else
-              f"| {r['op']} | {r['shape']} | – | {cells[0]} | {cells[1]} | {r['floor_ms']:.3f} | – | – |")
+        tri = r.get("triton")
+        gpu = {k: (f"{r[k][0]:.3f}" if k in r else "–") for k in ("triton", "eager", "compile")}
+        wall = " / ".join(f"{r[k][1]:.2f}" if k in r else "–" for k in ("triton", "eager", "compile"))
+        rel = [f"{tri[0] / r['floor_ms']:.1f}x" if tri else "–",
+               f"{r['eager'][0] / tri[0]:.1f}x" if tri else "–",
+               f"{r['compile'][0] / tri[0]:.2f}x" if tri and "compile" in r else "–"]
+        print(f"| {r['op']} | {r['shape']} | {gpu['triton']} | {gpu['eager']} | {gpu['compile']} | "
+              f"{r['floor_ms']:.3f} | {' | '.join(rel)} | {wall} |")
     for r in rows:
         if "img_per_s_triton" in r:
-            print(f"{r['op']}: {r['img_per_s_triton']:.0f} img/s fused (parameter sampling included; "
-                  f"{r['triton']:.2f} ms without), {r['img_per_s_eager']:.0f} img/s eager")
+            print(f"{r['op']}: fused {r['img_per_s_triton']:.0f} img/s wall with per-batch parameter sampling "
+                  f"({r['triton+sampling'][0]:.2f} ms GPU, {r['triton+sampling'][1]:.2f} ms wall), kernels alone "
+                  f"{r['triton'][0]:.2f} ms GPU = {int(r['shape'].split()[0]) / (r['triton'][0] * 1e-3):.0f} img/s; "
+                  f"eager {r['img_per_s_eager']:.0f} img/s")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "bandwidth": bw,

@@ -22,8 +22,9 @@ for stage in "${stages[@]}"; do
   echo "== $stage ($(date -u +%T))"
   case $stage in
     tests)  # Fashion-MNIST's Debian package is not on this image
-      python3 -m pytest -q -p no:cacheprovider -rs tests/test_local_global_cosine.py tests/test_crop.py \
-        tests/test_gpu_views.py tests/test_train.py -k "gpu or cuda or kernels or bf16 or half or views or cosine" \
+      python3 -m pytest -q -p no:cacheprovider tests/test_local_global_cosine.py tests/test_local_info_nce.py \
+        tests/test_crop.py \
+        tests/test_gpu_views.py tests/test_train.py::test_trains_on_the_gpu_with_bf16_and_the_fused_ops \
         2>&1 | tee "$OUT/tests.log" | tail -15; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     suite)
       python3 -m pytest -q -p no:cacheprovider tests -k "not fashion_mnist" 2>&1 | tee "$OUT/suite.log" | tail -8

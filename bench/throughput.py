@@ -93,7 +93,7 @@ def bench_one(path, method, backbone, res, decode, args, device, peak):
     opt = train_coss.LARS(train_coss.param_groups(online, 1e-6), lr=0.1, eta=0.001)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     aff_opt = torch.optim.Adam(affinity.parameters(), lr=1e-3) if affinity is not None else None
-    model = torch.compile(online) if args.compile else online
+    model = torch.compile(online, dynamic=False) if args.compile else online
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     nets, opts = (model, online, target, probe, affinity), (opt, probe_opt, aff_opt)
 

@@ -4,8 +4,9 @@
     output: mean over b, l of loss[b, l]; optionally the per-image means over l ([B]).
 
 Eager PyTorch normalises P (a full read and write of [B, L, D]), multiplies, reduces, and keeps the normalised copy
-for backward. Here the forward kernel reads P once and writes two fp32 numbers per row (c = cos and n = |p|);
-the backward kernel reads P once more and writes dP once. Accumulation is fp32 whatever P's dtype; any strides
+for backward. Here the forward kernel reads P once (and Z, normalised on the fly) and writes four fp32 numbers per
+row (the loss, c = cos, |p|, |z|); the backward kernel reads P once more and writes dP once; the gradient of the
+mean reaches it as a broadcast, read through its zero strides without being materialised. Accumulation is fp32 whatever P's dtype; any strides
 (the [B, L, D] view of a channels-last 1x1-conv output has stride 1 along D, an NCHW one stride L) without a copy.
 
 Backward, per row p with s = <p, ẑ>, ẑ = Z[b] / max(|Z[b]|, eps), n = |p|, m = max(n, eps), c = s / m:
@@ -28,60 +29,70 @@ EPS = 1e-12  # F.normalize's default
 def local_global_cosine_ref(P, Z, per_image=False, eps=EPS):
     """Plain PyTorch: the mean over b, l of 2 - 2 cos(P[b, l], sg Z[b]) (and the per-image means if asked)."""
     _check(P, Z)
-    cos = (F.normalize(P.float(), dim=-1, eps=eps) * F.normalize(Z.detach().float(), dim=-1, eps=eps)[:, None]).sum(-1)
+    dt = torch.promote_types(P.dtype, torch.float32)  # at least fp32, as the kernels accumulate
+    cos = (F.normalize(P.to(dt), dim=-1, eps=eps) * F.normalize(Z.detach().to(dt), dim=-1, eps=eps)[:, None]).sum(-1)
     rows = 2 - 2 * cos                                                           # [B, L]
     return (rows.mean(), rows.mean(1)) if per_image else rows.mean()
 
 
 @triton.jit
-def _local_global_cosine_fwd_kernel(p_ptr, zhat_ptr, cos_ptr, norm_ptr, R, L, D,
-                                    stride_p_b, stride_p_l, stride_p_d, eps,
+def _local_global_cosine_fwd_kernel(p_ptr, z_ptr, loss_ptr, cos_ptr, pnorm_ptr, znorm_ptr, R, L, D,
+                                    stride_p_b, stride_p_l, stride_p_d, stride_z_b, stride_z_d, eps,
                                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one program: BLOCK_R rows r = b * L + l of P; loops over D; writes cos[r] and |P[r]| in fp32
+    # one program: BLOCK_R rows r = b * L + l of P; loops over D accumulating <p, z>, |p|^2, |z|^2 in fp32;
+    # writes loss[r] = 2 - 2 cos and, for backward, cos[r], |p|, |z|
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     b = rows // L
     l = rows % L
     p_row = p_ptr + b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l          # [BLOCK_R] pointers
-    z_row = zhat_ptr + b.to(tl.int64) * D
+    z_row = z_ptr + b.to(tl.int64) * stride_z_b
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
-    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    pp = tl.zeros([BLOCK_R], dtype=tl.float32)
+    zz = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (d < D)[None, :]
         p = tl.load(p_row[:, None] + d[None, :] * stride_p_d, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_D]
-        z = tl.load(z_row[:, None] + d[None, :], mask=mask, other=0.0)
+        z = tl.load(z_row[:, None] + d[None, :] * stride_z_d, mask=mask, other=0.0).to(tl.float32)
         dot += tl.sum(p * z, axis=1)
-        sq += tl.sum(p * p, axis=1)
-    norm = tl.sqrt(sq)
-    tl.store(cos_ptr + rows, dot / tl.maximum(norm, eps), mask=row_ok)
-    tl.store(norm_ptr + rows, norm, mask=row_ok)
+        pp += tl.sum(p * p, axis=1)
+        zz += tl.sum(z * z, axis=1)
+    pn = tl.sqrt(pp)
+    zn = tl.sqrt(zz)
+    cos = dot / (tl.maximum(pn, eps) * tl.maximum(zn, eps))
+    tl.store(loss_ptr + rows, 2.0 - 2.0 * cos, mask=row_ok)
+    tl.store(cos_ptr + rows, cos, mask=row_ok)
+    tl.store(pnorm_ptr + rows, pn, mask=row_ok)
+    tl.store(znorm_ptr + rows, zn, mask=row_ok)
 
 
 @triton.jit
-def _local_global_cosine_bwd_kernel(p_ptr, zhat_ptr, cos_ptr, norm_ptr, grad_ptr, dp_ptr, R, L, D,
-                                    stride_p_b, stride_p_l, stride_p_d,
-                                    stride_dp_b, stride_dp_l, stride_dp_d, eps,
+def _local_global_cosine_bwd_kernel(p_ptr, z_ptr, cos_ptr, pnorm_ptr, znorm_ptr, grad_ptr, dp_ptr, R, L, D,
+                                    stride_p_b, stride_p_l, stride_p_d, stride_z_b, stride_z_d,
+                                    stride_g_b, stride_g_l, stride_dp_b, stride_dp_l, stride_dp_d, eps,
                                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # dP[r] = -2 g[r] (ẑ / m - [n > eps] c p / m²), m = max(n, eps): one read of P, one write of dP
+    # dP[r] = -2 g[r] (ẑ / m - [n > eps] c p / m²), m = max(|p|, eps), ẑ = z / max(|z|, eps): one read of P, one
+    # write of dP. g may be a broadcast (stride 0: the gradient of a mean), read through its strides, no copy.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     b = rows // L
     l = rows % L
     c = tl.load(cos_ptr + rows, mask=row_ok, other=0.0)
-    n = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
-    g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+    n = tl.load(pnorm_ptr + rows, mask=row_ok, other=1.0)
+    zn = tl.load(znorm_ptr + rows, mask=row_ok, other=1.0)
+    g = tl.load(grad_ptr + b.to(tl.int64) * stride_g_b + l.to(tl.int64) * stride_g_l, mask=row_ok, other=0.0)
     m = tl.maximum(n, eps)
-    coef_z = -2.0 * g / m                                                            # [BLOCK_R]
+    coef_z = -2.0 * g / (m * tl.maximum(zn, eps))                                  # [BLOCK_R]
     coef_p = tl.where(n > eps, 2.0 * g * c / (m * m), 0.0)
     p_row = p_ptr + b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l
     dp_row = dp_ptr + b.to(tl.int64) * stride_dp_b + l.to(tl.int64) * stride_dp_l
-    z_row = zhat_ptr + b.to(tl.int64) * D
+    z_row = z_ptr + b.to(tl.int64) * stride_z_b
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (d < D)[None, :]
         p = tl.load(p_row[:, None] + d[None, :] * stride_p_d, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_row[:, None] + d[None, :], mask=mask, other=0.0)
+        z = tl.load(z_row[:, None] + d[None, :] * stride_z_d, mask=mask, other=0.0).to(tl.float32)
         dp = coef_z[:, None] * z + coef_p[:, None] * p
         tl.store(dp_row[:, None] + d[None, :] * stride_dp_d, dp.to(dp_ptr.dtype.element_ty), mask=mask)
 
@@ -97,30 +108,28 @@ class LocalGlobalCosine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, Z, eps):
         B, L, D = P.shape
-        zhat = F.normalize(Z.detach().float(), dim=-1, eps=eps).contiguous()        # [B, D], tiny
-        cos = kernels.empty(B, L, device=P.device, dtype=torch.float32)
-        norm = kernels.empty(B, L, device=P.device, dtype=torch.float32)
+        Z = Z.detach()
+        loss, cos, pnorm, znorm = (kernels.empty(B, L, device=P.device, dtype=torch.float32) for _ in range(4))
         R = B * L
         block_r, block_d = _blocks(D)
         _local_global_cosine_fwd_kernel[(triton.cdiv(R, block_r),)](
-            P, zhat, cos, norm, R, L, D, *P.stride(), eps, BLOCK_R=block_r, BLOCK_D=block_d)
-        ctx.save_for_backward(P, zhat, cos, norm)
+            P, Z, loss, cos, pnorm, znorm, R, L, D, *P.stride(), *Z.stride(), eps, BLOCK_R=block_r, BLOCK_D=block_d)
+        ctx.save_for_backward(P, Z, cos, pnorm, znorm)
         ctx.eps = eps
-        return 2 - 2 * cos
+        return loss
 
     @staticmethod
     def backward(ctx, grad_rows):
-        P, zhat, cos, norm = ctx.saved_tensors
+        P, Z, cos, pnorm, znorm = ctx.saved_tensors
         B, L, D = P.shape
-        grad_rows = grad_rows.float().contiguous()
         dP = torch.empty_like(P)  # same strides as P (empty_like keeps a dense layout's strides)
         if kernels.POISON:
             dP.fill_(float("nan"))
         R = B * L
         block_r, block_d = _blocks(D)
         _local_global_cosine_bwd_kernel[(triton.cdiv(R, block_r),)](
-            P, zhat, cos, norm, grad_rows, dP, R, L, D, *P.stride(), *dP.stride(), ctx.eps,
-            BLOCK_R=block_r, BLOCK_D=block_d)
+            P, Z, cos, pnorm, znorm, grad_rows.float(), dP, R, L, D, *P.stride(), *Z.stride(), *grad_rows.stride(),
+            *dP.stride(), ctx.eps, BLOCK_R=block_r, BLOCK_D=block_d)
         return dP, None, None
 
 

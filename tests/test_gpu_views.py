@@ -38,8 +38,11 @@ def test_uploaded_images_are_the_stored_images(tmp_path, mode):
     assert len(got) == len(stored)
     for a, b in zip(got, stored):
         assert a.shape == b.shape
-        # raw pixels are exact; JPEGs decoded by libjpeg (torchvision) vs OpenCV differ by IDCT rounding at most
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= (0 if mode == "raw" else 8)
+        diff = np.abs(a.astype(int) - b.astype(int))
+        if mode == "raw":
+            assert diff.max() == 0  # raw pixels are exact
+        else:  # JPEGs: libjpeg-turbo (torchvision on CPU) or nvJPEG vs OpenCV: IDCT and chroma upsampling differ
+            assert diff.mean() < 2.0 and (CUDA or diff.max() <= 8)
 
 
 @pytest.mark.timeout(180)

@@ -1,0 +1,181 @@
+"""Fused local-to-global InfoNCE: CO-SimCLR's local term.
+
+Every location of a view is an anchor against the K = 2N global embeddings of the batch (both views, all ranks);
+its positive is the other view's global embedding of the same image, the same view's global embedding of the same
+image is masked out (losses.local_global_info_nce, the reference). Per view, with rows r = (b, l) of P [B, L, D],
+candidates C = normalise(cat(z1_all, z2_all)) [K, D] and temperature T:
+
+    â_r = P_r / max(|P_r|, eps),   s_rj = <â_r, C_j> / T   (s_r,self(b) = -inf),   lse_r = logsumexp_j s_rj
+    loss_r = lse_r - s_r,pos(b);   output: mean over r (the two views averaged by the public function)
+
+Eager PyTorch writes the [BL, K] logits, reads them for the softmax, writes the log-probabilities, and backward
+reads and writes them again. Here:
+  forward   one kernel: each program normalises BLOCK_M anchors in registers and sweeps C in BLOCK_N column blocks
+            (tl.dot), keeping a running max and sum (online logsumexp) and the positive logit; it writes
+            loss_r, lse_r and |P_r| (fp32 [BL] each). The logits never reach memory.
+  backward  one kernel recomputes each logit block, forms dS_rj = g_r (softmax_rj - [j = pos]) and
+            accumulates dâ_r = sum_j dS_rj C_j / T, then dP_r = (dâ_r - <dâ_r, â_r> â_r) / max(|P_r|, eps);
+            it also writes dS_rj / (T max(|P_r|, eps)) once, so dC = that^T @ P is one cuBLAS GEMM
+            (a reduction over all B·L rows, which one kernel's programs cannot share without atomics).
+            The normalisation of C and its gradient to z stay in autograd (K x D, small).
+dS is written once and read once: the only pass of a [BL, K] matrix through memory. Needs D <= 1024 (a row of P
+sits in registers); larger D falls back to the reference.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+import kernels
+from kernels import use_triton
+from losses import _all_or_local, _check_local, local_global_info_nce
+
+EPS = 1e-12
+MAX_D = 1024
+
+
+@triton.jit
+def _local_info_nce_fwd_kernel(p_ptr, c_ptr, pos_ptr, self_ptr, loss_ptr, lse_ptr, norm_ptr, R, L, K, D,
+                               stride_p_b, stride_p_l, stride_p_d, stride_c_k, stride_c_d, inv_t, eps,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               DOT_BF16: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    b = rows // L
+    l = rows % L
+    d = tl.arange(0, BLOCK_D)
+    a = tl.load(p_ptr + (b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l)[:, None] + d[None, :] * stride_p_d,
+                mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)          # [BLOCK_M, BLOCK_D]
+    norm = tl.sqrt(tl.sum(a * a, axis=1))
+    a = a / tl.maximum(norm, eps)[:, None]                                                  # â
+    pos = tl.load(pos_ptr + b, mask=row_ok, other=-1)
+    own = tl.load(self_ptr + b, mask=row_ok, other=-1)
+    run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pos_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_N):
+        cols = k0 + tl.arange(0, BLOCK_N)
+        c = tl.load(c_ptr + cols[:, None] * stride_c_k + d[None, :] * stride_c_d,
+                    mask=(cols < K)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)   # [BLOCK_N, BLOCK_D]
+        if DOT_BF16:
+            s = tl.dot(a.to(tl.bfloat16), tl.trans(c.to(tl.bfloat16))) * inv_t
+        else:
+            s = tl.dot(a, tl.trans(c), input_precision="ieee") * inv_t                        # [BLOCK_M, BLOCK_N]
+        pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
+        s = tl.where((cols[None, :] < K) & (cols[None, :] != own[:, None]), s, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_max = new_max
+    lse = run_max + tl.log(run_sum)
+    tl.store(loss_ptr + rows, lse - pos_logit, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(norm_ptr + rows, norm, mask=row_ok)
+
+
+@triton.jit
+def _local_info_nce_bwd_kernel(p_ptr, c_ptr, pos_ptr, self_ptr, lse_ptr, norm_ptr, grad_ptr, dp_ptr, ds_ptr,
+                               R, L, K, D, stride_p_b, stride_p_l, stride_p_d, stride_c_k, stride_c_d,
+                               stride_g_b, stride_g_l, stride_dp_b, stride_dp_l, stride_dp_d, inv_t, eps,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               DOT_BF16: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    b = rows // L
+    l = rows % L
+    d = tl.arange(0, BLOCK_D)
+    dmask = row_ok[:, None] & (d < D)[None, :]
+    a = tl.load(p_ptr + (b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l)[:, None] + d[None, :] * stride_p_d,
+                mask=dmask, other=0.0).to(tl.float32)
+    norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
+    m = tl.maximum(norm, eps)
+    a = a / m[:, None]                                                                      # â
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(grad_ptr + b.to(tl.int64) * stride_g_b + l.to(tl.int64) * stride_g_l, mask=row_ok, other=0.0)
+    pos = tl.load(pos_ptr + b, mask=row_ok, other=-1)
+    own = tl.load(self_ptr + b, mask=row_ok, other=-1)
+    da = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                                    # sum_j dS_rj C_j
+    for k0 in range(0, K, BLOCK_N):
+        cols = k0 + tl.arange(0, BLOCK_N)
+        c = tl.load(c_ptr + cols[:, None] * stride_c_k + d[None, :] * stride_c_d,
+                    mask=(cols < K)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        if DOT_BF16:
+            s = tl.dot(a.to(tl.bfloat16), tl.trans(c.to(tl.bfloat16))) * inv_t
+        else:
+            s = tl.dot(a, tl.trans(c), input_precision="ieee") * inv_t
+        live = (cols[None, :] < K) & (cols[None, :] != own[:, None]) & row_ok[:, None]
+        prob = tl.where(live, tl.exp(s - lse[:, None]), 0.0)
+        ds = g[:, None] * (prob - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0))      # [BLOCK_M, BLOCK_N]
+        ds = tl.where(live, ds, 0.0)
+        if DOT_BF16:
+            da += tl.dot(ds.to(tl.bfloat16), c.to(tl.bfloat16))
+        else:
+            da += tl.dot(ds, c, input_precision="ieee")
+        # dS / (T m): dC = (that)^T @ P, one GEMM outside
+        tl.store(ds_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                 (ds * inv_t / m[:, None]).to(ds_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
+    da = da * inv_t                                                                         # dL/dâ
+    radial = tl.sum(da * a, axis=1)
+    dp = tl.where((norm > eps)[:, None], (da - radial[:, None] * a) / m[:, None], da / m[:, None])
+    tl.store(dp_ptr + (b.to(tl.int64) * stride_dp_b + l.to(tl.int64) * stride_dp_l)[:, None] + d[None, :] * stride_dp_d,
+             dp.to(dp_ptr.dtype.element_ty), mask=dmask)
+
+
+def _blocks(D, K):
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m = max(16, min(64, 8192 // block_d))
+    block_n = max(16, min(64, triton.next_power_of_2(K)))
+    return block_m, block_n, block_d
+
+
+class LocalInfoNCE(torch.autograd.Function):
+    """Rows loss_r of one view's anchors P [B, L, D] against normalised candidates C [K, D]; gradients to P and C."""
+
+    @staticmethod
+    def forward(ctx, P, C, pos, own, temperature, eps):
+        B, L, D = P.shape
+        K = C.shape[0]
+        loss, lse, norm = (kernels.empty(B, L, device=P.device, dtype=torch.float32) for _ in range(3))
+        R = B * L
+        bm, bn, bd = _blocks(D, K)
+        dot_bf16 = P.dtype == torch.bfloat16 or C.dtype == torch.bfloat16
+        _local_info_nce_fwd_kernel[(triton.cdiv(R, bm),)](
+            P, C, pos, own, loss, lse, norm, R, L, K, D, *P.stride(), *C.stride(), 1.0 / temperature, eps,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_BF16=dot_bf16)
+        ctx.save_for_backward(P, C, pos, own, lse, norm)
+        ctx.temperature, ctx.eps, ctx.dot_bf16 = temperature, eps, dot_bf16
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        P, C, pos, own, lse, norm = ctx.saved_tensors
+        B, L, D = P.shape
+        K = C.shape[0]
+        R = B * L
+        dP = torch.empty_like(P)
+        ds = kernels.empty(R, K, device=P.device, dtype=P.dtype if ctx.dot_bf16 else torch.float32)
+        if kernels.POISON:
+            dP.fill_(float("nan"))
+        bm, bn, bd = _blocks(D, K)
+        _local_info_nce_bwd_kernel[(triton.cdiv(R, bm),)](
+            P, C, pos, own, lse, norm, grad_rows.float(), dP, ds, R, L, K, D, *P.stride(), *C.stride(),
+            *grad_rows.stride(), *dP.stride(), 1.0 / ctx.temperature, ctx.eps,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_BF16=ctx.dot_bf16)
+        dC = (ds.T @ P.reshape(R, D).to(ds.dtype)).to(C.dtype)                            # [K, D]
+        return dP, dC, None, None, None, None
+
+
+def local_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None, offset=0, backend="auto", eps=EPS):
+    """Same arguments and value as losses.local_global_info_nce (the reference): mean over the 2·B·L anchors.
+    backend: auto (Triton on CUDA, else the reference), triton, or ref."""
+    _check_local("local_info_nce", P1, P2, z1, z2)
+    if not use_triton(backend, P1, P2) or P1.shape[-1] > MAX_D:
+        return local_global_info_nce(P1, P2, z1, z2, temperature, z1_all, z2_all, offset)
+    c1, c2, offset = _all_or_local(z1, z2, z1_all, z2_all, offset)
+    B, N = P1.shape[0], c1.shape[0]
+    C = F.normalize(torch.cat([c1, c2]), dim=1, eps=eps)                                  # [2N, D]
+    if P1.dtype == torch.bfloat16:
+        C = C.to(torch.bfloat16)
+    own = torch.arange(B, device=P1.device, dtype=torch.int32) + offset
+    loss1 = LocalInfoNCE.apply(P1, C, own + N, own, float(temperature), eps).mean()         # view 1: positive in view 2
+    loss2 = LocalInfoNCE.apply(P2, C, own, own + N, float(temperature), eps).mean()
+    return (loss1 + loss2) / 2
