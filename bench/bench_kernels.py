@@ -116,6 +116,31 @@ def bench_infonce(shapes, iters, warmup, bw, temperature=0.2):
     return rows
 
 
+def sweep_infonce(B, L, D, iters, warmup):
+    """GPU ms of the fused local InfoNCE (fwd+bwd) for each block configuration."""
+    import kernels.local_info_nce as lin
+    P1, P2 = (torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    z1, z2 = (torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+
+    def step():
+        for t in (P1, P2, z1, z2):
+            t.grad = None
+        lin.local_info_nce(P1, P2, z1, z2, 0.2, backend="triton").backward()
+    out = []
+    for bm in (16, 32, 64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                lin.CONFIG.update(block_m=bm, block_n=bn, num_warps=warps)
+                try:
+                    out.append((gpu_ms(step, iters, warmup), bm, bn, warps))
+                except Exception as e:  # noqa: BLE001  (out of shared memory / registers: skip the config)
+                    print(f"sweep: BLOCK_M={bm} BLOCK_N={bn} warps={warps} failed: {str(e).splitlines()[0][:80]}")
+    lin.CONFIG.update(block_m=0, block_n=0, num_warps=4)
+    for ms, bm, bn, warps in sorted(out)[:6]:
+        print(f"sweep local InfoNCE B={B} L={L} D={D}: BLOCK_M={bm} BLOCK_N={bn} num_warps={warps}: {ms:.3f} ms GPU")
+    return sorted(out)
+
+
 def imagenet_like(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     sizes = [(int(h), int(w)) for h, w in zip(torch.randint(300, 501, (n,), generator=g),
@@ -174,11 +199,14 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--crop-batch", type=int, default=256)
     p.add_argument("--json")
+    p.add_argument("--sweep", type=int, default=0, help="1: also sweep the local InfoNCE kernel's block sizes")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU")
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    if args.sweep:
+        sweep_infonce(256, 49, 256, 20, 3)
     rows = bench_cosine([(256, 49, 256), (256, 196, 256), (512, 49, 256), (256, 49, 1024), (64, 1, 256)],
                         args.iters, args.warmup, bw)
     rows += bench_infonce([(256, 49, 256), (256, 196, 256), (128, 49, 256)], args.iters, args.warmup, bw)

@@ -120,10 +120,13 @@ def _local_info_nce_bwd_kernel(p_ptr, c_ptr, pos_ptr, self_ptr, lse_ptr, norm_pt
              dp.to(dp_ptr.dtype.element_ty), mask=dmask)
 
 
+CONFIG = {"block_m": 0, "block_n": 0, "num_warps": 4}  # 0 = the defaults below; bench_kernels.py sweeps these
+
+
 def _blocks(D, K):
     block_d = max(16, triton.next_power_of_2(D))
-    block_m = max(16, min(64, 8192 // block_d))
-    block_n = max(16, min(64, triton.next_power_of_2(K)))
+    block_m = CONFIG["block_m"] or max(16, min(64, 8192 // block_d))
+    block_n = CONFIG["block_n"] or max(16, min(64, triton.next_power_of_2(K)))
     return block_m, block_n, block_d
 
 
@@ -140,7 +143,7 @@ class LocalInfoNCE(torch.autograd.Function):
         dot_bf16 = P.dtype == torch.bfloat16 or C.dtype == torch.bfloat16
         _local_info_nce_fwd_kernel[(triton.cdiv(R, bm),)](
             P, C, pos, own, loss, lse, norm, R, L, K, D, *P.stride(), *C.stride(), 1.0 / temperature, eps,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_BF16=dot_bf16)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_BF16=dot_bf16, num_warps=CONFIG["num_warps"])
         ctx.save_for_backward(P, C, pos, own, lse, norm)
         ctx.temperature, ctx.eps, ctx.dot_bf16 = temperature, eps, dot_bf16
         return loss
@@ -159,7 +162,7 @@ class LocalInfoNCE(torch.autograd.Function):
         _local_info_nce_bwd_kernel[(triton.cdiv(R, bm),)](
             P, C, pos, own, lse, norm, grad_rows.float(), dP, ds, R, L, K, D, *P.stride(), *C.stride(),
             *grad_rows.stride(), *dP.stride(), 1.0 / ctx.temperature, ctx.eps,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_BF16=ctx.dot_bf16)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_BF16=ctx.dot_bf16, num_warps=CONFIG["num_warps"])
         dC = (ds.T @ P.reshape(R, D).to(ds.dtype)).to(C.dtype)                            # [K, D]
         return dP, dC, None, None, None, None
 

@@ -42,7 +42,7 @@ def test_uploaded_images_are_the_stored_images(tmp_path, mode):
         if mode == "raw":
             assert diff.max() == 0  # raw pixels are exact
         else:  # JPEGs: libjpeg-turbo (torchvision on CPU) or nvJPEG vs OpenCV: IDCT and chroma upsampling differ
-            assert diff.mean() < 2.0 and (CUDA or diff.max() <= 8)
+            assert diff.mean() < (4.0 if CUDA else 2.0) and (CUDA or diff.max() <= 8)  # nvJPEG: 2.7 seen
 
 
 @pytest.mark.timeout(180)
