@@ -280,7 +280,7 @@ def count_flops(model, size=224):
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
+        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
     model.train(was_training)
     for h in handles:
         h.remove()
