@@ -6,7 +6,7 @@
     python train_coss.py --plot runs/<run>                        # PNG curves of a run
 
 Reads top to bottom in run order: distributed set-up, data, model, optimiser and schedules, the loss of each
-method, the training step, evaluation (kNN monitor, linear probes), checkpoints, the loop, main.
+method, the training step, checkpoints, the loop, main. The monitors (kNN, linear probes) are in evaluate.py.
 Every run folder holds params.json (resolved config), env.json (versions, devices), log.jsonl (metrics),
 TensorBoard scalars (tb/) and checkpoint.pt (atomic; the last good one survives a crash or a NaN).
 """
@@ -26,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from augment import ViewAugment, uint8_hwc_to_normalized
+from augment import ViewAugment
 from config import ConfigError, as_dict, load_config
+from evaluate import evaluate
 from kernels.local_info_nce import local_info_nce
 from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
                     local_global_regression, logo_affinity_losses, mix, nt_xent)
@@ -117,19 +118,6 @@ def train_loader(cfg, path, indices, world, res):
 
 def global_cmin(cfg):
     return cfg["method.logo_global_cmin"] if cfg["method.logo"] else cfg["augment.c_min"]
-
-
-def eval_loader(cfg, path, n_images, res):
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import ToTensor
-    total, _ = num_images_and_classes(path)
-    indices = np.arange(min(n_images, total) if n_images else total)
-    return Loader(path, batch_size=256, num_workers=cfg["augment.workers"], order=OrderOption.SEQUENTIAL,
-                  indices=indices, drop_last=False,
-                  pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=cfg["eval.crop_ratio"]),
-                                       ToTensor()], "label": [IntDecoder(), ToTensor()]})
 
 
 def view_augments(cfg):
@@ -323,70 +311,6 @@ def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, worl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation: weighted kNN (k, T) on the val beton, and a linear probe on frozen features.
-
-@torch.no_grad()
-def extract_features(backbone, loader, device):
-    backbone.eval()
-    feats, labels = [], []
-    for images, y in loader:
-        x = uint8_hwc_to_normalized(images.to(device))
-        feats.append(backbone(x)[1].float().cpu())  # pooled features [B, C], not normalised
-        labels.append(y.view(-1).long().clone())  # FFCV reuses its output buffers: copy what we keep
-    backbone.train()
-    return torch.cat(feats), torch.cat(labels)
-
-
-def knn_accuracy(bank, bank_y, query, query_y, num_classes, k=20, t=0.07, chunk=1024):
-    """Weighted kNN on L2-normalised features: votes exp(sim / t) of the k most similar bank items."""
-    correct = 0
-    for i in range(0, len(query), chunk):
-        sim, idx = (query[i:i + chunk] @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, bank_y[idx], (sim / t).exp())
-        correct += int((votes.argmax(1) == query_y[i:i + chunk]).sum())
-    return correct / len(query)
-
-
-def feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, iters, weight_decay=1e-4):
-    """A linear classifier on frozen, standardised features: full-batch L-BFGS on cross-entropy + L2 (a convex
-    problem, so the result does not hinge on a learning rate), then val accuracy."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    xs, xv = (train_f - mean) / std, (val_f - mean) / std
-    clf = nn.Linear(xs.shape[1], num_classes)
-    nn.init.zeros_(clf.weight)
-    nn.init.zeros_(clf.bias)
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=iters, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(clf(xs), train_y) + weight_decay * clf.weight.square().sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    with torch.no_grad():
-        return float((clf(xv).argmax(1) == val_y).float().mean())
-
-
-def evaluate(cfg, backbone, probe, device, num_classes, res, with_probe_fit):
-    """kNN on L2-normalised features, the online probe on the raw pooled features, and (at the end) a linear probe
-    fitted on the frozen normalised features; one feature pass over the bank and one over val."""
-    train_f, train_y = extract_features(backbone, eval_loader(cfg, beton(cfg, "train"), cfg["eval.bank_images"],
-                                                             res), device)
-    val_raw, val_y = extract_features(backbone, eval_loader(cfg, beton(cfg, "val"), cfg["eval.val_images"], res),
-                                      device)
-    train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_raw, dim=1)
-    out = {"knn": knn_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.k"], cfg["eval.t"])}
-    if probe is not None:
-        with torch.no_grad():
-            logits = probe(val_raw.to(device)).cpu()
-        out["online_probe"] = float((logits.argmax(1) == val_y).float().mean())
-    if with_probe_fit and cfg["eval.probe_iters"]:
-        out["probe"] = feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.probe_iters"])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary file and renamed, so a crash never leaves a half-written one.
 
 def save_checkpoint(path, state):
@@ -508,7 +432,8 @@ def train(cfg, on_step=None, log=print):
         set_rng_state(ck["rng"])
         log(f"resumed {ckpt_path} at epoch {start_epoch}, step {step}")
     elif is_main and cfg["eval.random_init"] and "random_init" not in results:
-        results["random_init"] = evaluate(cfg, online.backbone, None, device, num_classes, cfg["augment.res"], True)
+        results["random_init"] = evaluate(cfg, online.backbone, None, device, num_classes, cfg["augment.res"], True,
+                                          beton(cfg, "train"), beton(cfg, "val"))
         log(f"random init: knn={results['random_init']['knn']:.4f} probe={results['random_init'].get('probe', 0):.4f}")
     if is_main:
         with open(os.path.join(run_dir, "params.json"), "w") as fh:
@@ -567,7 +492,8 @@ def train(cfg, on_step=None, log=print):
         bar.close()
         last = epoch == epochs - 1
         if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
-            metrics = evaluate(cfg, online.backbone, probe, device, num_classes, cfg["augment.res"], last)
+            metrics = evaluate(cfg, online.backbone, probe, device, num_classes, cfg["augment.res"], last,
+                               beton(cfg, "train"), beton(cfg, "val"))
             results[f"epoch{epoch}"] = metrics
             _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
             log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

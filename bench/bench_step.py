@@ -23,7 +23,6 @@ sys.path.insert(0, REPO)
 
 import train_coss  # noqa: E402
 from config import load_config  # noqa: E402
-from models import BYOL_FAMILY  # noqa: E402
 
 
 def bench_one(method, backbone, res, batch, device, compile_, iters, warmup, local_hidden, fixed_views=False):

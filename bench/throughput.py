@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import train_coss  # noqa: E402
 from bench_loader import make_jpeg_tree, tree_stats  # noqa: E402
 from config import load_config  # noqa: E402
-from models import BYOL_FAMILY  # noqa: E402
 from rf_resnet import count_flops  # noqa: E402
 
 IN100_TRAIN = 126_689

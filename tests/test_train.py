@@ -13,7 +13,8 @@ import torch.nn as nn
 from config import load_config
 from conftest import CUDA, REPO, needs_cuda
 import train_coss
-from train_coss import (LARS, TrainingError, feature_probe_accuracy, knn_accuracy, lr_at, param_groups,
+from evaluate import feature_probe_accuracy, knn_accuracy
+from train_coss import (LARS, TrainingError, lr_at, param_groups,
                         resolution_at, tau_at, train)
 from write_ffcv import write_split
 
