@@ -118,6 +118,45 @@ class Text(Checker):
         return "a string"
 
 
+class FloatList(Checker):
+    """Comma-separated numbers (YAML may also give a list), each in [min, max]."""
+
+    def __init__(self, min=None, max=None, choices=None):
+        self.min, self.max = min, max
+
+    def check(self, value):
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        out = []
+        for item in items:
+            v = float(item)  # ValueError -> reported by load_config as a bad value
+            if v != v or (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
+                raise ValueError(item)
+            out.append(v)
+        if not out:
+            raise ValueError(value)
+        return tuple(out)
+
+    def help(self):
+        return "comma-separated numbers" + _range_help(self.min, self.max)
+
+
+class NameList(Checker):
+    """Comma-separated names, each one of `choices` (empty = none)."""
+
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def check(self, value):
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+        items = tuple(str(v).strip() for v in items)
+        if any(v not in self.choices for v in items):
+            raise ValueError(value)
+        return items
+
+    def help(self):
+        return "comma-separated names from " + "/".join(self.choices)
+
+
 def _range_help(lo, hi):
     if lo is not None and hi is not None:
         return f" in [{lo}, {hi}]"
@@ -252,6 +291,36 @@ def _declare(cfg):
         probe_iters=Param(StrictInt(0), "L-BFGS iterations of the linear probe on frozen features at the end "
                                        "(0 = skip)", default=100),
         random_init=Param(StrictBool(), "also evaluate the untrained network (the demo's baseline)", default=True),
+    )
+    # ---- evaluation suite (evaluate.py --ckpt RUN). Defaults: sized for the CPU demo's checkpoints.
+    Section("linear", "Offline linear evaluation on frozen features (evaluate.py)", config_descriptor=cfg).params(
+        train_images=Param(StrictInt(0), "train images whose centre-crop features train the head (0 = all)",
+                           default=0),
+        epochs=Param(StrictInt(1), "epochs of SGD over the precomputed features", default=100),
+        batch_size=Param(StrictInt(1), "", default=256),
+        lr=Param(StrictFloat(0.0), "peak lr per 256 (cosine to 0)", default=0.1),
+        weight_decay=Param(StrictFloat(0.0), "", default=0.0),
+        knn_k=Param(FloatList(1), "kNN neighbour counts reported", default="20,200"),
+    )
+    Section("robust", "Robustness of backbone + linear head (evaluate.py)", config_descriptor=cfg).params(
+        images=Param(StrictInt(1), "val images used for every robustness probe", default=1000),
+        corruptions=Param(NameList("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast",
+                                   "jpeg"), "common corruptions (empty = none)",
+                          default="gaussian_noise,shot_noise,impulse_noise,gaussian_blur,contrast,jpeg"),
+        severities=Param(StrictInt(0, 5), "severities 1..N of each corruption", default=5),
+        mask_fractions=Param(FloatList(0.0, 1.0), "internal corruption: fractions of masked cells",
+                             default="0,0.25,0.5,0.75"),
+        mask_patch=Param(StrictInt(0), "side of a masked cell, px (0 = image side / 8)", default=0),
+        mask_fill=Param(Choice("mean", "noise"), "masked cells get the image's mean colour or noise",
+                        default="mean"),
+        pgd_eps=Param(FloatList(0.0, 255.0), "L-inf PGD radii, in 1/255 units", default="0.25,0.5,1,2"),
+        pgd_steps=Param(StrictInt(1), "PGD iterations", default=10),
+        seed=Param(StrictInt(0), "noise and masks", default=0),
+    )
+    Section("analysis", "Local/global analyses and pictures (evaluate.py)", config_descriptor=cfg).params(
+        pairs=Param(StrictInt(2), "random val image pairs in the global-vs-local similarity scatter", default=500),
+        erf_image=Param(StrictInt(0), "index of the val image whose effective receptive fields are drawn",
+                        default=0),
     )
 
 

@@ -1,13 +1,31 @@
-"""Evaluation of a backbone on the val beton (the trainer's monitors): weighted kNN (k, T) on L2-normalised pooled
-features against a bank of train images, the online linear probe, and a linear probe fitted on frozen features
-(full-batch L-BFGS). Images are centre-cropped (eval.crop_ratio) and resized to the training resolution.
+"""Evaluation: the trainer's monitors, and the evaluation suite for checkpoints.
+
+    python evaluate.py --ckpt runs/<run>                          # -> runs/<run>/eval/{eval.json, eval.md, *.png}
+    python evaluate.py --compare runs/<a> runs/<b> --names BYOL CO-BYOL --out reports/byol_vs_co_byol
+    (any --section.key=value after these overrides the run's config, e.g. --linear.epochs=30)
+
+Monitors (train_coss.py calls `evaluate`): weighted kNN (k, T) on L2-normalised pooled features against a bank of
+train images, the online linear probe, and a linear probe fitted on frozen features (full-batch L-BFGS).
+Suite (`evaluate_checkpoint`): kNN at each linear.knn_k; offline linear evaluation (SGD on precomputed centre-crop
+features: our departure from the usual 100-epoch protocol with random-resized-crop augmentation, which costs a
+backbone pass per image per epoch); robustness of backbone + that linear head (robustness.py: common corruptions at
+5 severities, masked patches, L-inf PGD); analyses (analyses.py: global vs local similarity of image pairs with its
+Pearson r, local redundancy, effective receptive fields). Images are centre-cropped (eval.crop_ratio) and resized
+to the training resolution (augment.res).
 """
+import argparse
+import json
+import os
+import sys
+import time
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from augment import uint8_hwc_to_normalized
+from config import ConfigError
 
 
 def eval_loader(cfg, path, n_images, res):
@@ -81,3 +99,287 @@ def evaluate(cfg, backbone, probe, device, num_classes, res, with_probe_fit, tra
     if with_probe_fit and cfg["eval.probe_iters"]:
         out["probe"] = feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.probe_iters"])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation suite: python evaluate.py --ckpt RUN_DIR   |   python evaluate.py --compare RUN_A RUN_B --out DIR
+
+def load_backbone(ckpt, device):
+    """A run folder or its checkpoint.pt -> (backbone with the online weights, the run's config dict)."""
+    from rf_resnet import build_backbone
+    path = os.path.join(ckpt, "checkpoint.pt") if os.path.isdir(ckpt) else ckpt
+    if not os.path.isfile(path):
+        raise EvalError(f"checkpoint not found: {path} (give a run folder or its checkpoint.pt)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or "online" not in ck or "config" not in ck:
+        raise EvalError(f"{path} is not a train_coss.py checkpoint (no online weights and config)")
+    model = ck["config"]["model"]
+    backbone = build_backbone(model["backbone"], **({"width": model["width"]} if model["width"] else {}))
+    state = {k[len("backbone."):]: v for k, v in ck["online"].items() if k.startswith("backbone.")}
+    backbone.load_state_dict(state)
+    return backbone.to(device, memory_format=torch.channels_last).eval(), ck["config"]
+
+
+class EvalError(RuntimeError):
+    """One line for the user (bad checkpoint, missing beton)."""
+
+
+def run_config(run_cfg, overrides):
+    """The evaluation config: the run's data, model, augment and eval settings, then the user's overrides."""
+    from config import load_config
+    args = []
+    for section in ("data", "model", "augment", "eval"):
+        for key, value in run_cfg.get(section, {}).items():
+            value = int(value) if isinstance(value, bool) else value
+            args.append(f"--{section}.{key}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return load_config(None, args + list(overrides))
+
+
+@torch.no_grad()
+def val_images(cfg, path, n, res):
+    """The first n val images, centre-cropped as for kNN: uint8 [n, res, res, 3], labels [n]."""
+    xs, ys = [], []
+    for images, y in eval_loader(cfg, path, n, res):
+        xs.append(images.clone())
+        ys.append(y.view(-1).long().clone())
+    return torch.cat(xs), torch.cat(ys)
+
+
+class LinearHead(nn.Module):
+    """Standardise pooled features with the train set's statistics, then one linear layer."""
+
+    def __init__(self, mean, std, num_classes):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.fc = nn.Linear(mean.shape[0], num_classes)
+
+    def forward(self, f):
+        return self.fc((f - self.mean) / self.std)
+
+
+def train_linear(train_f, train_y, num_classes, epochs, batch_size, lr, weight_decay, seed=0):
+    """SGD (momentum 0.9, cosine lr from lr x batch / 256) on precomputed frozen features; returns the head."""
+    g = torch.Generator().manual_seed(seed)
+    head = LinearHead(train_f.mean(0), train_f.std(0) + 1e-6, num_classes)
+    opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * -(-len(train_f) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train_f), generator=g).split(batch_size):
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.eval()
+
+
+def topk(logits, y, ks=(1, 5)):
+    top = logits.topk(max(ks), dim=1).indices
+    return {f"top{k}": float((top[:, :k] == y[:, None]).any(1).float().mean()) for k in ks if k <= logits.shape[1]}
+
+
+def robustness(cfg, classify, x, y, device, log=print):
+    """Top-1 of classify (float [0, 1] images -> logits) under corruptions, masking and PGD, on x uint8 [N,H,W,3]."""
+    from robustness import corrupt, mask_patches, pgd_attack
+    x = x.permute(0, 3, 1, 2).float().div(255)
+    g = torch.Generator().manual_seed(cfg["robust.seed"])
+
+    def accuracy(transform):
+        correct = 0
+        for xb, yb in zip(x.split(250), y.split(250)):
+            xb = transform(xb).to(device)
+            with torch.no_grad():
+                correct += int((classify(xb).argmax(1).cpu() == yb).sum())
+        return correct / len(x)
+
+    out = {"clean": accuracy(lambda b: b), "corruptions": {}, "masking": {}, "pgd": {}}
+    for name in cfg["robust.corruptions"]:
+        out["corruptions"][name] = {str(s): accuracy(lambda b, s=s: corrupt(b, name, s, g))
+                                    for s in range(1, cfg["robust.severities"] + 1)}
+        log(f"  {name}: " + " ".join(f"{v:.3f}" for v in out["corruptions"][name].values()))
+    for f in cfg["robust.mask_fractions"]:
+        out["masking"][f"{f:g}"] = accuracy(lambda b, f=f: mask_patches(b, f, cfg["robust.mask_patch"],
+                                                                          cfg["robust.mask_fill"], g))
+    for eps in cfg["robust.pgd_eps"]:
+        correct = 0
+        for xb, yb in zip(x.split(250), y.split(250)):
+            adv = pgd_attack(classify, xb.to(device), yb.to(device), eps / 255, cfg["robust.pgd_steps"], generator=None)
+            with torch.no_grad():
+                correct += int((classify(adv).argmax(1).cpu() == yb).sum())
+        out["pgd"][f"{eps:g}"] = correct / len(x)
+    if out["corruptions"]:
+        out["corruption_mean"] = float(np.mean([v for c in out["corruptions"].values() for v in c.values()]))
+    return out
+
+
+def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print):
+    """The whole suite on one checkpoint: kNN (each linear.knn_k), offline linear evaluation (top-1/top-5),
+    robustness, analyses; writes eval.json, eval.md and PNGs into out_dir. Returns the results dict."""
+    from analyses import effective_receptive_fields, global_local_similarity, plot_erf, plot_similarity
+    from augment import normalize
+    from write_ffcv import beton_path
+    device = torch.device(device)
+    backbone, run_cfg = load_backbone(ckpt, device)
+    cfg = run_config(run_cfg, overrides)
+    paths = {s: beton_path(cfg, s) for s in ("train", "val")}
+    for split, p in paths.items():
+        if not os.path.isfile(p):
+            raise EvalError(f"beton not found: {p} — write it with: python write_ffcv.py --split {split}")
+    res = cfg["augment.res"]
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    train_f, train_y = extract_features(backbone, eval_loader(cfg, paths["train"], cfg["linear.train_images"], res),
+                                        device)
+    val_f, val_y = extract_features(backbone, eval_loader(cfg, paths["val"], cfg["eval.val_images"], res), device)
+    backbone.eval()
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    out = {"checkpoint": os.path.abspath(ckpt), "config": {s: run_cfg.get(s) for s in ("model", "method")},
+           "images": {"train": len(train_f), "val": len(val_f)}, "knn": {}}
+    bank, query = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
+    for k in cfg["linear.knn_k"]:
+        out["knn"][str(int(k))] = knn_accuracy(bank, train_y, query, val_y, num_classes, int(k), cfg["eval.t"])
+    head = train_linear(train_f, train_y, num_classes, cfg["linear.epochs"], cfg["linear.batch_size"],
+                        cfg["linear.lr"], cfg["linear.weight_decay"])
+    with torch.no_grad():
+        out["linear"] = topk(head(val_f), val_y)
+    log(f"kNN {out['knn']}  linear {out['linear']}  ({time.perf_counter() - t0:.0f} s)")
+
+    head = head.to(device)
+
+    def classify(x01):  # float [0, 1] images -> logits of the frozen backbone + linear head
+        return head(backbone(normalize(x01))[1].float())
+    x, y = val_images(cfg, paths["val"], cfg["robust.images"], res)
+    out["robustness"] = robustness(cfg, classify, x, y, device, log)
+    log(f"robustness: clean {out['robustness']['clean']:.3f} masking {out['robustness']['masking']} "
+        f"pgd {out['robustness']['pgd']} ({time.perf_counter() - t0:.0f} s)")
+
+    xs = uint8_hwc_to_normalized(x.to(device))
+    glob, local, r, redundancy = global_local_similarity(backbone, xs, cfg["analysis.pairs"],
+                                                         torch.Generator().manual_seed(0))
+    out["analysis"] = {"pearson_global_local": r, "local_redundancy": redundancy,
+                       "mean_global_cos": float(glob.mean()), "mean_local_cos": float(local.mean())}
+    name = os.path.basename(os.path.normpath(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt)))
+    plot_similarity(glob, local, r, os.path.join(out_dir, "similarity.png"), name)
+    i = min(cfg["analysis.erf_image"], len(x) - 1)
+    with torch.no_grad():
+        hw = backbone(xs[i:i + 1])[0].shape[-2:]
+    locations = [(hw[0] // 4, hw[1] // 4), (hw[0] // 4, 3 * hw[1] // 4), (3 * hw[0] // 4, hw[1] // 4),
+                 (3 * hw[0] // 4, 3 * hw[1] // 4)]
+    maps = effective_receptive_fields(backbone, xs[i:i + 1].float(), locations)
+    plot_erf(x[i].numpy(), maps.cpu(), locations, tuple(hw), os.path.join(out_dir, "erf.png"), name)
+    out["seconds"] = time.perf_counter() - t0
+    _write_json(os.path.join(out_dir, "eval.json"), out)
+    with open(os.path.join(out_dir, "eval.md"), "w") as fh:
+        fh.write(markdown_tables({name: out}))
+    log(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    return out
+
+
+def markdown_tables(results):
+    """results: {name: eval.json dict} -> Markdown: accuracy, robustness, analyses (one column per run)."""
+    names = list(results)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+
+    def row(label, get):
+        cells = []
+        for n in names:
+            try:
+                v = get(results[n])
+                cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+            except (KeyError, TypeError):
+                cells.append("–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    first = results[names[0]]
+    for k in first["knn"]:
+        row(f"kNN top-1 (k={k}, T=0.07)", lambda r, k=k: r["knn"][k])
+    row("linear top-1", lambda r: r["linear"]["top1"])
+    row("linear top-5", lambda r: r["linear"]["top5"])
+    rob = first["robustness"]
+    row(f"clean top-1 ({'robustness subset'})", lambda r: r["robustness"]["clean"])
+    for c, sev in rob["corruptions"].items():
+        row(f"{c}, mean of severities 1-{len(sev)}", lambda r, c=c: float(np.mean(list(r["robustness"]["corruptions"][c].values()))))
+    if "corruption_mean" in rob:
+        row("all corruptions, mean", lambda r: r["robustness"]["corruption_mean"])
+    for f in rob["masking"]:
+        row(f"masked cells {f}", lambda r, f=f: r["robustness"]["masking"][f])
+    for e in rob["pgd"]:
+        row(f"PGD eps {e}/255", lambda r, e=e: r["robustness"]["pgd"][e])
+    row("Pearson r, global vs local similarity", lambda r: r["analysis"]["pearson_global_local"])
+    row("local redundancy (mean intra-image cos)", lambda r: r["analysis"]["local_redundancy"])
+    return "\n".join(lines) + "\n"
+
+
+def compare(runs, names, out_dir, overrides=(), device="cpu", log=print):
+    """Side-by-side report of runs: evaluates each (or reuses its <run>/eval/eval.json), then writes
+    out_dir/report.md with training curves, the metric tables and robustness plots."""
+    import shutil
+
+    from analyses import plot_curves, plot_robustness
+    os.makedirs(out_dir, exist_ok=True)
+    results, logs = {}, {}
+    for run, name in zip(runs, names):
+        eval_dir = os.path.join(run, "eval")
+        path = os.path.join(eval_dir, "eval.json")
+        results[name] = (json.load(open(path)) if os.path.isfile(path)
+                         else evaluate_checkpoint(run, eval_dir, overrides, device, log))
+        for png in ("similarity.png", "erf.png"):
+            shutil.copyfile(os.path.join(eval_dir, png), os.path.join(out_dir, f"{name}_{png}"))
+        log_path = os.path.join(run, "log.jsonl")
+        logs[name] = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
+    plot_curves(logs, os.path.join(out_dir, "curves.png"))
+    plot_robustness(results, os.path.join(out_dir, "robustness.png"))
+    md = [f"# {' vs '.join(names)}", "", "Made by `python evaluate.py --compare " + " ".join(runs) + "`.", "",
+          "![training curves](curves.png)", "", markdown_tables(results), "![robustness](robustness.png)", ""]
+    for name in names:
+        md += [f"**{name}**: global vs local similarity of image pairs, and effective receptive fields of four "
+               f"locations", "", f"![{name} similarity]({name}_similarity.png) ![{name} ERF]({name}_erf.png)", ""]
+    tmp = os.path.join(out_dir, f"report.md.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(md))
+    os.replace(tmp, os.path.join(out_dir, "report.md"))
+    log(f"wrote {os.path.join(out_dir, 'report.md')}")
+    return results
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate train_coss.py checkpoints: kNN, linear evaluation, "
+                                            "robustness, analyses; or compare runs side by side.")
+    p.add_argument("--ckpt", help="a run folder (or its checkpoint.pt) to evaluate")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="run folders to put side by side")
+    p.add_argument("--names", nargs="+", help="labels for --compare (default: folder names)")
+    p.add_argument("--out", help="output folder (default: <run>/eval, or reports/<names> for --compare)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args, overrides = p.parse_known_args(argv)
+    try:
+        if bool(args.ckpt) == bool(args.compare):
+            raise EvalError("give --ckpt RUN or --compare RUN_A RUN_B ...")
+        if args.ckpt:
+            evaluate_checkpoint(args.ckpt, args.out or os.path.join(
+                args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "eval"), overrides,
+                args.device)
+        else:
+            names = args.names or [os.path.basename(os.path.normpath(r)) for r in args.compare]
+            if len(names) != len(args.compare):
+                raise EvalError(f"--names gives {len(names)} labels for {len(args.compare)} runs")
+            compare(args.compare, names, args.out or os.path.join("reports", "_vs_".join(names)), overrides,
+                    args.device)
+    except (EvalError, ConfigError) as e:
+        print(f"evaluate.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip numba's finaliser noise at shutdown (see train_coss.py)
