@@ -347,9 +347,13 @@ def _flatten(tree, prefix=()):
     return out
 
 
-def _read_yaml(path):
+def _read_yaml(path, seen=()):
+    """A YAML config as {(section, key): value}. A top-level `base: FILE` (relative to this file) is read first and
+    overridden by this file's values, so a study config holds only what it changes."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
         with open(path) as fh:
             tree = yaml.safe_load(fh)
@@ -359,7 +363,14 @@ def _read_yaml(path):
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold sections (a mapping), not a {type(tree).__name__}")
-    return _flatten(tree)
+    base = tree.pop("base", None)
+    if base is None:
+        return _flatten(tree)
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be a file name, got {base!r}")
+    merged = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (os.path.abspath(path),))
+    merged.update(_flatten(tree))
+    return merged
 
 
 def _parse_overrides(args):

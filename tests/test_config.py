@@ -8,7 +8,7 @@ import yaml
 from config import ConfigError, as_dict, load_config
 from conftest import REPO
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
 
 def test_there_are_configs():
@@ -24,6 +24,20 @@ def test_every_config_loads_strictly(path):
     assert text.startswith("#"), "each config starts with a header: purpose, command, expected result"
 
 
+def test_base_file_is_read_first_and_overridden(tmp_path):
+    (tmp_path / "a.yaml").write_text("optim:\n  epochs: 7\n  lr: 0.5\nmodel:\n  backbone: resnet50\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\noptim:\n  lr: 0.2\n")
+    cfg = load_config(str(tmp_path / "sub" / "b.yaml"))
+    assert (cfg["optim.epochs"], cfg["optim.lr"], cfg["model.backbone"]) == (7, 0.2, "resnet50")
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "d.yaml"))
+
+
 def test_embedded_default_config_equals_builtin_defaults():
     assert as_dict(load_config(os.path.join(REPO, "configs", "fmnist.yaml"))) == as_dict(load_config(None))
 
@@ -32,6 +46,8 @@ def test_embedded_default_config_equals_builtin_defaults():
 def test_unknown_yaml_key_fails_naming_it(tmp_path, path):
     tree = yaml.safe_load(open(path))
     tree.setdefault("writer", {})["jpeg_qualty"] = 80  # a typo
+    if "base" in tree:  # keep the base reachable from the copy
+        tree["base"] = os.path.join(os.path.dirname(path), tree["base"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match="unknown config file key 'writer.jpeg_qualty'"):
@@ -41,7 +57,7 @@ def test_unknown_yaml_key_fails_naming_it(tmp_path, path):
 def test_unknown_section_and_cli_key_fail(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dta:\n  name: x\n")
-    with pytest.raises(ConfigError, match="'dta.name'.*known sections: augment, data, eval, method, model, optim, training, writer"):
+    with pytest.raises(ConfigError, match="'dta.name'.*known sections: analysis, augment, data, eval, linear, method, model, optim, robust, training, writer"):
         load_config(bad)
     with pytest.raises(ConfigError, match="unknown command line key 'data.nam'"):
         load_config(None, ["--data.nam=x"])
