@@ -234,6 +234,8 @@ def _declare(cfg):
         logo_global_cmin=Param(StrictFloat(0.01, 1.0), "LoGo: global crop scale (r_g, 1)", default=0.4),
         logo_local_cmax=Param(StrictFloat(0.01, 1.0), "LoGo: local crop scale (0.05, r_l)", default=0.4),
         logo_affinity_lr=Param(StrictFloat(0.0), "LoGo: Adam lr of the affinity MLP", default=1e-3),
+        logo_clip=Param(StrictFloat(0.0), "LoGo: instead of lambda, clip L_ll's gradient norm to this x the main "
+                        "loss's (the public MoCo code: 0.015); 0 = off", default=0.0),
     )
     Section("augment", "Views (train loader)", config_descriptor=cfg).params(
         res=Param(StrictInt(8), "side of each view, px (the final one if progressive)", default=32),

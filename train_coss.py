@@ -273,10 +273,26 @@ def method_loss(cfg, online, target, views, local_views, affinity):
             lg = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2) for g in (o1, o2))
         terms["local_global"] = lg
         terms["local_local"], affinity_loss = logo_affinity_losses(affinity, l1["z"], l2["z"])
-        loss = loss + lg + cfg["method.logo_lambda"] * terms["local_local"]
+        # with logo_clip, L_ll enters through train_step's clipped gradient instead of lambda
+        loss = loss + lg + (0.0 if cfg["method.logo_clip"] else cfg["method.logo_lambda"] * terms["local_local"])
         terms["affinity"] = affinity_loss
     terms["loss"] = loss
     return loss, affinity_loss, terms, o1["y"]
+
+
+def backward_with_relative_clip(main, extra, params, clip):
+    """Sets p.grad = g_main + s g_extra with s = min(1, clip |g_main| / |g_extra|) (norms over all params): LoGo's
+    public-code way of adding L_ll. Two backward passes; single process only (check_options refuses DDP)."""
+    g_main = torch.autograd.grad(main, params, retain_graph=True, allow_unused=True)
+    g_extra = torch.autograd.grad(extra, params, allow_unused=True)
+
+    def norm(grads):
+        return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+    scale = torch.clamp(clip * norm(g_main) / (norm(g_extra) + 1e-12), max=1.0)
+    for p, a, b in zip(params, g_main, g_extra):
+        a = a if a is not None else torch.zeros_like(p)
+        p.grad = a + scale.to(a.dtype) * b if b is not None else a
+    return scale
 
 
 def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, world, nan_context):
@@ -290,7 +306,11 @@ def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, worl
     if not torch.isfinite(loss):  # sync
         raise TrainingError(f"loss is {float(loss.detach())} {nan_context}")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if affinity_loss is not None and cfg["method.logo_clip"]:
+        backward_with_relative_clip(loss, terms["local_local"], [p for p in online.parameters() if p.requires_grad],
+                                    cfg["method.logo_clip"])
+    else:
+        loss.backward()
     opt.step()
     if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
         aff_opt.zero_grad(set_to_none=True)
@@ -365,6 +385,8 @@ def check_options(cfg, num_train, world):
         raise TrainingError(f"method.logo=1 needs method.name byol or simclr (LoGo's bases), got {name}")
     if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
         raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
+    if cfg["method.logo_clip"] and world > 1:
+        raise TrainingError("method.logo_clip is single-process only for now; use method.logo_lambda under torchrun")
     if cfg["optim.batch_size"] * world > num_train:
         raise TrainingError(f"batch of {cfg['optim.batch_size']} x {world} process(es) is larger than the "
                             f"{num_train} training images")

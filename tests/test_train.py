@@ -98,6 +98,32 @@ def test_trains_on_the_gpu_with_bf16_and_the_fused_ops(betons, tmp_path, method,
     assert "cuda" in json.load(open(os.path.join(results["run_dir"], "env.json")))["device"]
 
 
+def test_relative_clip_scales_the_extra_gradient_to_a_fraction_of_the_main_one():
+    from train_coss import backward_with_relative_clip
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    x = torch.randn(8, 5)
+    params = list(net.parameters())
+    main, extra = net(x).pow(2).mean(), 100 * net(x).sum()   # extra's gradient is much larger
+    g_main = torch.autograd.grad(main, params, retain_graph=True)
+    g_extra = torch.autograd.grad(extra, params, retain_graph=True)
+    scale = backward_with_relative_clip(main, extra, params, 0.015)
+    n = lambda gs: torch.sqrt(sum((g ** 2).sum() for g in gs))  # noqa: E731
+    assert float(scale * n(g_extra)) == pytest.approx(0.015 * float(n(g_main)), rel=1e-5)
+    for p, a, b in zip(params, g_main, g_extra):
+        torch.testing.assert_close(p.grad, a + scale * b)
+    small = 1e-6 * net(x).sum()                                   # below the clip: added unscaled
+    assert float(backward_with_relative_clip(main, small, params, 0.015)) == 1.0
+
+
+@pytest.mark.timeout(600)
+def test_logo_with_the_relative_clip_trains(betons, tmp_path):
+    cfg = tiny_cfg(betons, tmp_path, "--method.name=byol", "--method.logo=1", "--method.logo_clip=0.015",
+                   "--optim.epochs=1")
+    rows = [json.loads(line) for line in open(os.path.join(train(cfg, log=quiet)["run_dir"], "log.jsonl"))]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["local_local"]) for r in rows if "loss" in r)
+
+
 class _Crash(Exception):
     pass
 
