@@ -4,7 +4,8 @@
 # Then, on the device with `.whl` carried:         bash bench/gpu_run.sh [STAGE ...]
 # Stages (default: all, in this order): tests (GPU cases: kernels, GPU data path, CUDA trainer), suite (the whole
 # test suite), kernels (bench_kernels.py), loader (bench_loader.py with the data.decode=gpu readers), throughput
-# (bench/throughput.py grid; THROUGHPUT_ARGS overrides it), step (bench_step.py: CO-BYOL R50 224).
+# (bench/throughput.py grid; THROUGHPUT_ARGS overrides it), profile (bench/profile_step.py: torch.profiler tables
+# and a Chrome trace of a few steps), step (bench_step.py: CO-BYOL R50 224).
 # Writes under $OUT (default ./gpu_out): gpu.txt and one .log (+ .json) per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,10 @@ for stage in "${stages[@]}"; do
       # shellcheck disable=SC2086
       python3 bench/throughput.py ${THROUGHPUT_ARGS:---images 20000 --method byol co_byol --backbone resnet18 \
         --res 160 --decode cpu gpu} --json "$OUT/throughput.json" 2>&1 | clean | tee "$OUT/throughput.log" ;;
+    profile)  # where a step's time goes (PROFILE_ARGS overrides the case)
+      # shellcheck disable=SC2086
+      python3 bench/profile_step.py ${PROFILE_ARGS:---method co_byol --backbone resnet18 --res 160 --decode gpu} \
+        --out "$OUT/profile" 2>&1 | clean | tee "$OUT/profile.log" ;;
     step)
       python3 bench/bench_step.py --method byol co_byol --backbone resnet50 --res 224 --batch 256 2>&1 \
         | tee "$OUT/bench_step.log" ;;
