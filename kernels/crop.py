@@ -278,14 +278,21 @@ def _crop_color_kernel(data_ptr, offset_ptr, sc_ptr, sy_ptr, sx_ptr, src_ptr, to
         tl.store(sbase + S * S, g, mask=mask)
         tl.store(sbase + 2 * S * S, b, mask=mask)
     else:
-        if tl.load(sol_ptr + n) != 0:
-            r = tl.where(r >= 0.5, 1.0 - r, r)
-            g = tl.where(g >= 0.5, 1.0 - g, g)
-            b = tl.where(b >= 0.5, 1.0 - b, b)
-        obase = out_ptr + n.to(tl.int64) * stride_out_n + (pix // S) * stride_out_y + (pix % S) * stride_out_x
-        tl.store(obase, ((r - m0) / s0).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(obase + stride_out_c, ((g - m1) / s1).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(obase + 2 * stride_out_c, ((b - m2) / s2).to(out_ptr.dtype.element_ty), mask=mask)
+        _solarize_normalize_store(out_ptr, n, pix, r, g, b, tl.load(sol_ptr + n), mask,
+                                  stride_out_n, stride_out_c, stride_out_y, stride_out_x, m0, m1, m2, s0, s1, s2, S)
+
+
+@triton.jit
+def _solarize_normalize_store(out_ptr, n, pix, r, g, b, solarize, mask, stride_out_n, stride_out_c, stride_out_y,
+                              stride_out_x, m0, m1, m2, s0, s1, s2, S):
+    if solarize != 0:
+        r = tl.where(r >= 0.5, 1.0 - r, r)
+        g = tl.where(g >= 0.5, 1.0 - g, g)
+        b = tl.where(b >= 0.5, 1.0 - b, b)
+    obase = out_ptr + n.to(tl.int64) * stride_out_n + (pix // S) * stride_out_y + (pix % S) * stride_out_x
+    tl.store(obase, ((r - m0) / s0).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(obase + stride_out_c, ((g - m1) / s1).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(obase + 2 * stride_out_c, ((b - m2) / s2).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -299,34 +306,38 @@ def _gauss_sum(sigma, K):
 
 
 @triton.jit
+def _blur_line(base, pos, step, S, K, sigma, mask, BLOCK: tl.constexpr):
+    # the three planes (S*S apart) at base + reflect(pos + k - K // 2) * step, weighted by the Gaussian taps
+    norm = _gauss_sum(sigma, K)
+    half = (K - 1) * 0.5
+    acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, K):
+        d = (k - half) / sigma
+        w = tl.exp(-0.5 * d * d) / norm
+        q = pos + k - K // 2
+        q = tl.where(q < 0, -q, q)                                    # reflect padding (edge not repeated)
+        q = tl.where(q > S - 1, 2 * (S - 1) - q, q)
+        acc0 += w * tl.load(base + q * step, mask=mask, other=0.0)
+        acc1 += w * tl.load(base + S * S + q * step, mask=mask, other=0.0)
+        acc2 += w * tl.load(base + 2 * S * S + q * step, mask=mask, other=0.0)
+    return acc0, acc1, acc2
+
+
+@triton.jit
 def _blur_rows_kernel(scratch_ptr, tmp_ptr, blur_ptr, sigma_ptr, S, K, BLOCK: tl.constexpr):
     # tmp[n, c, i, j] = sum_k w_k scratch[n, c, i, reflect(j + k - K // 2)]
     n = tl.program_id(0)
     if tl.load(blur_ptr + n) != 0:
         pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = pix < S * S
-        i = pix // S
-        j = pix % S
-        sigma = tl.load(sigma_ptr + n)
-        norm = _gauss_sum(sigma, K)
-        half = (K - 1) * 0.5
-        base = scratch_ptr + n.to(tl.int64) * 3 * S * S + i * S
-        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(0, K):
-            d = (k - half) / sigma
-            w = tl.exp(-0.5 * d * d) / norm
-            jj = j + k - K // 2
-            jj = tl.where(jj < 0, -jj, jj)
-            jj = tl.where(jj > S - 1, 2 * (S - 1) - jj, jj)
-            acc0 += w * tl.load(base + jj, mask=mask, other=0.0)
-            acc1 += w * tl.load(base + S * S + jj, mask=mask, other=0.0)
-            acc2 += w * tl.load(base + 2 * S * S + jj, mask=mask, other=0.0)
+        r, g, b = _blur_line(scratch_ptr + n.to(tl.int64) * 3 * S * S + (pix // S) * S, pix % S, 1, S, K,
+                             tl.load(sigma_ptr + n), mask, BLOCK)
         obase = tmp_ptr + n.to(tl.int64) * 3 * S * S + pix
-        tl.store(obase, acc0, mask=mask)
-        tl.store(obase + S * S, acc1, mask=mask)
-        tl.store(obase + 2 * S * S, acc2, mask=mask)
+        tl.store(obase, r, mask=mask)
+        tl.store(obase + S * S, g, mask=mask)
+        tl.store(obase + 2 * S * S, b, mask=mask)
 
 
 @triton.jit
@@ -338,32 +349,10 @@ def _blur_cols_kernel(tmp_ptr, out_ptr, blur_ptr, sigma_ptr, sol_ptr,
     if tl.load(blur_ptr + n) != 0:
         pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = pix < S * S
-        i = pix // S
-        j = pix % S
-        sigma = tl.load(sigma_ptr + n)
-        norm = _gauss_sum(sigma, K)
-        half = (K - 1) * 0.5
-        base = tmp_ptr + n.to(tl.int64) * 3 * S * S + j
-        r = tl.zeros([BLOCK], dtype=tl.float32)
-        g = tl.zeros([BLOCK], dtype=tl.float32)
-        b = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(0, K):
-            d = (k - half) / sigma
-            w = tl.exp(-0.5 * d * d) / norm
-            ii = i + k - K // 2
-            ii = tl.where(ii < 0, -ii, ii)
-            ii = tl.where(ii > S - 1, 2 * (S - 1) - ii, ii)
-            r += w * tl.load(base + ii * S, mask=mask, other=0.0)
-            g += w * tl.load(base + S * S + ii * S, mask=mask, other=0.0)
-            b += w * tl.load(base + 2 * S * S + ii * S, mask=mask, other=0.0)
-        if tl.load(sol_ptr + n) != 0:
-            r = tl.where(r >= 0.5, 1.0 - r, r)
-            g = tl.where(g >= 0.5, 1.0 - g, g)
-            b = tl.where(b >= 0.5, 1.0 - b, b)
-        obase = out_ptr + n.to(tl.int64) * stride_out_n + i * stride_out_y + j * stride_out_x
-        tl.store(obase, ((r - m0) / s0).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(obase + stride_out_c, ((g - m1) / s1).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(obase + 2 * stride_out_c, ((b - m2) / s2).to(out_ptr.dtype.element_ty), mask=mask)
+        r, g, b = _blur_line(tmp_ptr + n.to(tl.int64) * 3 * S * S + pix % S, pix // S, S, S, K,
+                             tl.load(sigma_ptr + n), mask, BLOCK)
+        _solarize_normalize_store(out_ptr, n, pix, r, g, b, tl.load(sol_ptr + n), mask,
+                                  stride_out_n, stride_out_c, stride_out_y, stride_out_x, m0, m1, m2, s0, s1, s2, S)
 
 
 def crop_views(images, crops, color, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=torch.bfloat16,

@@ -36,17 +36,21 @@ def local_global_cosine_ref(P, Z, per_image=False, eps=EPS):
 
 
 @triton.jit
+def _row_block(BLOCK: tl.constexpr, R, L):
+    # this program's rows r = b * L + l of the [B, L, D] input: (r, r < R, b, l), b and l as int64 for addressing
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return rows, rows < R, (rows // L).to(tl.int64), (rows % L).to(tl.int64)
+
+
+@triton.jit
 def _local_global_cosine_fwd_kernel(p_ptr, z_ptr, loss_ptr, cos_ptr, pnorm_ptr, znorm_ptr, R, L, D,
                                     stride_p_b, stride_p_l, stride_p_d, stride_z_b, stride_z_d, eps,
                                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # one program: BLOCK_R rows r = b * L + l of P; loops over D accumulating <p, z>, |p|^2, |z|^2 in fp32;
     # writes loss[r] = 2 - 2 cos and, for backward, cos[r], |p|, |z|
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    b = rows // L
-    l = rows % L
-    p_row = p_ptr + b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l          # [BLOCK_R] pointers
-    z_row = z_ptr + b.to(tl.int64) * stride_z_b
+    rows, row_ok, b, l = _row_block(BLOCK_R, R, L)
+    p_row = p_ptr + b * stride_p_b + l * stride_p_l          # [BLOCK_R] pointers
+    z_row = z_ptr + b * stride_z_b
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     pp = tl.zeros([BLOCK_R], dtype=tl.float32)
     zz = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -74,20 +78,17 @@ def _local_global_cosine_bwd_kernel(p_ptr, z_ptr, cos_ptr, pnorm_ptr, znorm_ptr,
                                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # dP[r] = -2 g[r] (ẑ / m - [n > eps] c p / m²), m = max(|p|, eps), ẑ = z / max(|z|, eps): one read of P, one
     # write of dP. g may be a broadcast (stride 0: the gradient of a mean), read through its strides, no copy.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    b = rows // L
-    l = rows % L
+    rows, row_ok, b, l = _row_block(BLOCK_R, R, L)
     c = tl.load(cos_ptr + rows, mask=row_ok, other=0.0)
     n = tl.load(pnorm_ptr + rows, mask=row_ok, other=1.0)
     zn = tl.load(znorm_ptr + rows, mask=row_ok, other=1.0)
-    g = tl.load(grad_ptr + b.to(tl.int64) * stride_g_b + l.to(tl.int64) * stride_g_l, mask=row_ok, other=0.0)
+    g = tl.load(grad_ptr + b * stride_g_b + l * stride_g_l, mask=row_ok, other=0.0)
     m = tl.maximum(n, eps)
     coef_z = -2.0 * g / (m * tl.maximum(zn, eps))                                  # [BLOCK_R]
     coef_p = tl.where(n > eps, 2.0 * g * c / (m * m), 0.0)
-    p_row = p_ptr + b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l
-    dp_row = dp_ptr + b.to(tl.int64) * stride_dp_b + l.to(tl.int64) * stride_dp_l
-    z_row = z_ptr + b.to(tl.int64) * stride_z_b
+    p_row = p_ptr + b * stride_p_b + l * stride_p_l
+    dp_row = dp_ptr + b * stride_dp_b + l * stride_dp_l
+    z_row = z_ptr + b * stride_z_b
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (d < D)[None, :]

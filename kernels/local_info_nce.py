@@ -35,16 +35,20 @@ MAX_D = 1024
 
 
 @triton.jit
+def _row_block(BLOCK: tl.constexpr, R, L):
+    # this program's rows r = b * L + l of the [B, L, D] input: (r, r < R, b, l), b and l as int64 for addressing
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return rows, rows < R, (rows // L).to(tl.int64), (rows % L).to(tl.int64)
+
+
+@triton.jit
 def _local_info_nce_fwd_kernel(p_ptr, c_ptr, pos_ptr, self_ptr, loss_ptr, lse_ptr, norm_ptr, R, L, K, D,
                                stride_p_b, stride_p_l, stride_p_d, stride_c_k, stride_c_d, inv_t, eps,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                DOT_BF16: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
-    b = rows // L
-    l = rows % L
+    rows, row_ok, b, l = _row_block(BLOCK_M, R, L)
     d = tl.arange(0, BLOCK_D)
-    a = tl.load(p_ptr + (b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l)[:, None] + d[None, :] * stride_p_d,
+    a = tl.load(p_ptr + (b * stride_p_b + l * stride_p_l)[:, None] + d[None, :] * stride_p_d,
                 mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)          # [BLOCK_M, BLOCK_D]
     norm = tl.sqrt(tl.sum(a * a, axis=1))
     a = a / tl.maximum(norm, eps)[:, None]                                                  # â
@@ -78,19 +82,16 @@ def _local_info_nce_bwd_kernel(p_ptr, c_ptr, pos_ptr, self_ptr, lse_ptr, norm_pt
                                stride_g_b, stride_g_l, stride_dp_b, stride_dp_l, stride_dp_d, inv_t, eps,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                DOT_BF16: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
-    b = rows // L
-    l = rows % L
+    rows, row_ok, b, l = _row_block(BLOCK_M, R, L)
     d = tl.arange(0, BLOCK_D)
     dmask = row_ok[:, None] & (d < D)[None, :]
-    a = tl.load(p_ptr + (b.to(tl.int64) * stride_p_b + l.to(tl.int64) * stride_p_l)[:, None] + d[None, :] * stride_p_d,
+    a = tl.load(p_ptr + (b * stride_p_b + l * stride_p_l)[:, None] + d[None, :] * stride_p_d,
                 mask=dmask, other=0.0).to(tl.float32)
     norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
     m = tl.maximum(norm, eps)
     a = a / m[:, None]                                                                      # â
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(grad_ptr + b.to(tl.int64) * stride_g_b + l.to(tl.int64) * stride_g_l, mask=row_ok, other=0.0)
+    g = tl.load(grad_ptr + b * stride_g_b + l * stride_g_l, mask=row_ok, other=0.0)
     pos = tl.load(pos_ptr + b, mask=row_ok, other=-1)
     own = tl.load(self_ptr + b, mask=row_ok, other=-1)
     da = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                                    # sum_j dS_rj C_j
@@ -116,7 +117,7 @@ def _local_info_nce_bwd_kernel(p_ptr, c_ptr, pos_ptr, self_ptr, lse_ptr, norm_pt
     da = da * inv_t                                                                         # dL/dâ
     radial = tl.sum(da * a, axis=1)
     dp = tl.where((norm > eps)[:, None], (da - radial[:, None] * a) / m[:, None], da / m[:, None])
-    tl.store(dp_ptr + (b.to(tl.int64) * stride_dp_b + l.to(tl.int64) * stride_dp_l)[:, None] + d[None, :] * stride_dp_d,
+    tl.store(dp_ptr + (b * stride_dp_b + l * stride_dp_l)[:, None] + d[None, :] * stride_dp_d,
              dp.to(dp_ptr.dtype.element_ty), mask=dmask)
 
 
