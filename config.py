@@ -266,6 +266,8 @@ def _declare(cfg):
         lars_eta=Param(StrictFloat(0.0), "LARS trust coefficient (0 = SGD with momentum)", default=0.0),
         tau=Param(StrictFloat(0.0, 1.0), "EMA tau at step 0; cosine to 1 (BYOL family)", default=0.99),
         probe_lr=Param(StrictFloat(0.0), "online linear probe: SGD lr", default=0.1),
+        predictor_lr_mult=Param(StrictFloat(0.0), "lr multiplier of the BYOL predictors (global and local)",
+                                default=1.0),
     )
     Section("training", "Run control", config_descriptor=cfg).params(
         seed=Param(StrictInt(0), "", default=0),

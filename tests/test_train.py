@@ -245,6 +245,7 @@ def test_lars_groups_and_update():
     groups = param_groups(model, 0.1)
     assert [p.shape for p in groups[0]["params"]] == [torch.Size([4, 3])]
     assert len(groups[1]["params"]) == 3 and groups[1]["weight_decay"] == 0 and not groups[1]["lars"]
+    assert all(g["lr_mult"] == 1.0 for g in groups)
     opt = LARS(groups, lr=0.5, momentum=0.9, eta=0.01)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
