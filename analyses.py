@@ -24,11 +24,11 @@ def global_local_similarity(backbone, x, pairs, generator=None):
     g = F.normalize(pooled.float(), dim=1)                                          # [N, C]
     loc = F.normalize(fmap.float().flatten(2).transpose(1, 2), dim=2)              # [N, L, C]
     centre = loc.mean(1)                                                            # mean of unit local vectors
-    i = torch.randint(0, x.shape[0], (pairs,), generator=generator)
-    j = (i + torch.randint(1, x.shape[0], (pairs,), generator=generator)) % x.shape[0]   # j != i
+    i = torch.randint(0, x.shape[0], (pairs,), generator=generator).to(x.device)
+    j = (i + torch.randint(1, x.shape[0], (pairs,), generator=generator).to(x.device)) % x.shape[0]   # j != i
     glob = (g[i] * g[j]).sum(1)
     local = (centre[i] * centre[j]).sum(1)
-    return glob, local, pearson(glob, local), local_redundancy(loc)
+    return glob.cpu(), local.cpu(), pearson(glob, local), local_redundancy(loc)
 
 
 def local_redundancy(loc):
