@@ -66,6 +66,36 @@ def read_beton(path):
     return images, labels
 
 
+# A tiny training set-up: 64 synthetic images, width-4 nets, 16 px views (trainer and evaluation tests).
+TINY = ["--data.source=synthetic", "--data.synthetic_images=96", "--data.synthetic_min_size=20",
+        "--data.synthetic_max_size=40", "--data.name=tiny", "--model.width=4", "--method.proj_hidden=32",
+        "--method.proj_dim=16", "--method.pred_hidden=32", "--method.local_hidden=16", "--augment.res=16",
+        "--augment.workers=1", "--optim.batch_size=16", "--optim.epochs=2", "--training.train_images=64",
+        "--training.log_every=1", "--eval.bank_images=48", "--eval.val_images=24", "--eval.probe_iters=20",
+        "--eval.random_init=0", "--method.logo_local_res=8", "--training.threads=1",
+        "--training.device=cpu"]  # CPU even on a GPU machine: exact resume and DDP-vs-one-rank need determinism
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    """Tiny synthetic train/val betons for trainer and evaluation tests (one pair per test module)."""
+    from write_ffcv import write_split
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(None, TINY + [f"--data.beton_dir={root / 'betons'}"])
+    for split in ("train", "val"):
+        write_split(cfg, split, log=lambda *_: None)
+    return root
+
+
+def tiny_cfg(betons, tmp_path, *extra):
+    return load_config(None, TINY + [f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+                                     *extra])
+
+
+def quiet(*_):
+    pass
+
+
 def save_image(path, array, **kwargs):
     from PIL import Image
     os.makedirs(os.path.dirname(path), exist_ok=True)

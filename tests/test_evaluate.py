@@ -11,11 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from analyses import effective_receptive_fields, global_local_similarity, pearson, plot_erf, plot_similarity
-from conftest import REPO
+from conftest import REPO, quiet, tiny_cfg
 from evaluate import compare, evaluate_checkpoint, topk, train_linear
 from rf_resnet import build_backbone, rf_size, PRESETS
 from robustness import CORRUPTIONS, corrupt, fgsm_attack, mask_patches, pgd_attack
-from test_train import betons, quiet, tiny_cfg  # noqa: F401  (betons is a fixture)
 from train_coss import train
 
 
@@ -135,7 +134,7 @@ SMALL = ["--linear.epochs=3", "--robust.images=24", "--robust.severities=2", "--
 
 
 @pytest.mark.timeout(600)
-def test_evaluate_and_compare_two_runs(betons, tmp_path):  # noqa: F811
+def test_evaluate_and_compare_two_runs(betons, tmp_path):
     runs = {}
     for method in ("byol", "co_byol"):
         runs[method] = train(tiny_cfg(betons, tmp_path, f"--method.name={method}", "--optim.epochs=1",

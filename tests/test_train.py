@@ -11,39 +11,11 @@ import torch
 import torch.nn as nn
 
 from config import load_config
-from conftest import CUDA, REPO, needs_cuda
+from conftest import CUDA, REPO, TINY, needs_cuda, quiet, tiny_cfg
 import train_coss
 from evaluate import feature_probe_accuracy, knn_accuracy
 from train_coss import (LARS, TrainingError, lr_at, param_groups,
                         resolution_at, tau_at, train)
-from write_ffcv import write_split
-
-TINY = ["--data.source=synthetic", "--data.synthetic_images=96", "--data.synthetic_min_size=20",
-        "--data.synthetic_max_size=40", "--data.name=tiny", "--model.width=4", "--method.proj_hidden=32",
-        "--method.proj_dim=16", "--method.pred_hidden=32", "--method.local_hidden=16", "--augment.res=16",
-        "--augment.workers=1", "--optim.batch_size=16", "--optim.epochs=2", "--training.train_images=64",
-        "--training.log_every=1", "--eval.bank_images=48", "--eval.val_images=24", "--eval.probe_iters=20",
-        "--eval.random_init=0", "--method.logo_local_res=8", "--training.threads=1",
-        "--training.device=cpu"]  # CPU even on a GPU machine: exact resume and DDP-vs-one-rank need determinism
-
-
-@pytest.fixture(scope="module")
-def betons(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = load_config(None, TINY + [f"--data.beton_dir={root / 'betons'}"])
-    for split in ("train", "val"):
-        write_split(cfg, split, log=lambda *_: None)
-    return root
-
-
-def tiny_cfg(betons, tmp_path, *extra):
-    return load_config(None, TINY + [f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
-                                     *extra])
-
-
-def quiet(*_):
-    pass
-
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("method,logo", [("byol", 0), ("co_byol", 0), ("simclr", 0), ("co_simclr", 0),
