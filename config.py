@@ -281,6 +281,8 @@ def _declare(cfg):
         checkpoint_every=Param(StrictInt(1), "epochs between checkpoints (and the last one)", default=1),
         resume=Param(StrictBool(), "continue from <run>/checkpoint.pt if present", default=False),
         log_every=Param(StrictInt(1), "steps between log lines", default=20),
+        nan_check_every=Param(StrictInt(1), "steps between NaN/inf checks of the loss (each a host sync; 1 = before "
+                              "every update; >1 checks a running flag, and always before a checkpoint)", default=1),
         train_images=Param(StrictInt(0), "use only the first N train images (0 = all)", default=0),
         threads=Param(StrictInt(0), "torch CPU threads (0 = leave)", default=0),
         kernels=Param(Choice("auto", "triton", "ref"), "fused Triton ops (kernels/): auto = on CUDA, the PyTorch "

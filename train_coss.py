@@ -298,7 +298,7 @@ def backward_with_relative_clip(main, extra, params, clip):
     return scale
 
 
-def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, world, nan_context):
+def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, world, nan_context, check_finite=True):
     """One step on augmented views (view_maker): method loss -> backward -> optimiser; LoGo's affinity step; the
     online probe on detached features; the EMA target. nets = (model (maybe DDP/compiled), online, target, probe,
     affinity); optimizers = (opt, probe_opt, aff_opt). Returns (logged terms, probe logits)."""
@@ -306,7 +306,7 @@ def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, worl
     opt, probe_opt, aff_opt = optimizers
     with amp:
         loss, affinity_loss, terms, features = method_loss(cfg, model, target, views, local_views, affinity)
-    if not torch.isfinite(loss):  # sync
+    if check_finite and not torch.isfinite(loss):  # sync
         raise TrainingError(f"loss is {float(loss.detach())} {nan_context}")
     opt.zero_grad(set_to_none=True)
     if affinity_loss is not None and cfg["method.logo_clip"]:
@@ -487,6 +487,8 @@ def train(cfg, on_step=None, log=print):
                 decoders[0].output_size = (res, res)
                 loader.generate_code()
         loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
+        check_every, checked = cfg["training.nan_check_every"], step
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         t_epoch, seen = time.perf_counter(), 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
                    disable=None if is_main else True)  # None: shown on a terminal only
@@ -499,7 +501,14 @@ def train(cfg, on_step=None, log=print):
             terms, probe_logits = train_step(
                 cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views, local_views, labels,
                 amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
-                f"at epoch {epoch}, step {step}; the last good checkpoint is kept at {ckpt_path}")
+                f"at epoch {epoch}, step {step}; the last good checkpoint is kept at {ckpt_path}", check_every == 1)
+            if check_every > 1:  # a running flag on the device; the host looks at it every check_every steps
+                nonfinite = nonfinite | ~torch.isfinite(terms["loss"].detach())
+                if (step + 1) % check_every == 0 or i == steps_per_epoch - 1:
+                    if bool(nonfinite):  # sync
+                        raise TrainingError(f"loss is nan/inf at a step between {checked} and {step} of epoch "
+                                            f"{epoch}; the last good checkpoint is kept at {ckpt_path}")
+                    checked = step + 1
             step += 1
             seen += len(labels) * world
             if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):

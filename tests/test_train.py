@@ -131,6 +131,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(betons, tmp_path):
     with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint"):
         train(cfg, log=quiet)
     assert path.read_bytes() == before
+    # checking a running flag every 3 steps (fewer host syncs): still stopped before any checkpoint is written
+    lazy = tiny_cfg(betons, tmp_path, "--training.run_name=r", "--training.resume=1", "--optim.lr=1e38",
+                    "--optim.lars_eta=0", "--optim.epochs=3", "--training.nan_check_every=3",
+                    "--training.log_every=100")
+    with pytest.raises(TrainingError, match="loss is nan/inf at a step between .*last good checkpoint"):
+        train(lazy, log=quiet)
+    assert path.read_bytes() == before
     with pytest.raises(TrainingError, match="already holds a run"):  # a fresh start never overwrites a run
         train(tiny_cfg(betons, tmp_path, "--training.run_name=r", "--optim.epochs=1"), log=quiet)
     assert path.read_bytes() == before
