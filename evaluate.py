@@ -299,7 +299,8 @@ def markdown_tables(results):
     rob = first["robustness"]
     row(f"clean top-1 ({'robustness subset'})", lambda r: r["robustness"]["clean"])
     for c, sev in rob["corruptions"].items():
-        row(f"{c}, mean of severities 1-{len(sev)}", lambda r, c=c: float(np.mean(list(r["robustness"]["corruptions"][c].values()))))
+        row(f"{c}, mean of severities 1-{len(sev)}",
+            lambda r, c=c: float(np.mean(list(r["robustness"]["corruptions"][c].values()))))
     if "corruption_mean" in rob:
         row("all corruptions, mean", lambda r: r["robustness"]["corruption_mean"])
     for f in rob["masking"]:

@@ -42,6 +42,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"))
     p.add_argument("--out", default="prof")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra config values, e.g. training.nan_check_every=20")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -56,7 +58,8 @@ def main(argv=None):
         f"--augment.res={args.res}", f"--optim.batch_size={args.batch}", f"--data.decode={args.decode}",
         f"--augment.workers={args.workers}", "--augment.interpolation=bilinear", "--method.proj_hidden=4096",
         "--method.proj_dim=256", "--method.pred_hidden=4096", "--method.local_hidden=1024", "--optim.lars_eta=0.001",
-        f"--training.compile={args.compile}", f"--training.device={device.type}"])
+        f"--training.compile={args.compile}", f"--training.device={device.type}"]
+        + [f"--{kv}" for kv in args.set])
     n = train_coss.num_images_and_classes(path)[0]
     loader, _ = train_coss.train_loader(cfg, path, np.arange(n), 1, args.res)
     make_views = train_coss.view_maker(cfg, device)
@@ -76,7 +79,8 @@ def main(argv=None):
 
     def step(i):
         views, local_views, labels = make_views(next(it), args.res, torch.Generator(device=device).manual_seed(i))
-        train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "")
+        train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "",
+                              cfg["training.nan_check_every"] == 1)
 
     for i in range(args.warmup):
         step(i)

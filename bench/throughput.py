@@ -83,7 +83,8 @@ def bench_one(path, method, backbone, res, decode, args, device, peak):
         "--augment.interpolation=bilinear", "--method.proj_hidden=4096", "--method.proj_dim=256",
         "--method.pred_hidden=4096", "--method.local_hidden=1024", "--optim.lars_eta=0.001",
         f"--training.compile={args.compile}", f"--training.kernels={args.kernels}",
-        f"--method.logo_local_res={args.local_res}", f"--training.device={device.type}"])
+        f"--method.logo_local_res={args.local_res}", f"--training.device={device.type}"]
+        + [f"--{kv}" for kv in args.set])
     n_images = train_coss.num_images_and_classes(path)[0]
     loader, _ = train_coss.train_loader(cfg, path, np.arange(n_images), 1, res)
     make_views = train_coss.view_maker(cfg, device)
@@ -118,7 +119,8 @@ def bench_one(path, method, backbone, res, decode, args, device, peak):
             gen = torch.Generator(device=device).manual_seed(step)
             views, local_views, labels = make_views(batch, res, gen)
             if with_model:
-                train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "")
+                train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "",
+                                      cfg["training.nan_check_every"] == 1)
             if step + 1 == args.warmup + steps:
                 break
         sync()
@@ -151,6 +153,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"))
     p.add_argument("--json")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra config values, e.g. training.nan_check_every=20")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -104,7 +104,7 @@ def random_resized_crops(heights, widths, scale, ratio, generator=None, flip_pro
         return torch.rand(*shape, generator=generator, device=dev, dtype=torch.float64)
 
     target = area[:, None] * (scale[0] + (scale[1] - scale[0]) * u(N, tries))
-    lo, hi = torch.log(torch.tensor(ratio[0], dtype=torch.float64)), torch.log(torch.tensor(ratio[1], dtype=torch.float64))
+    lo, hi = (torch.log(torch.tensor(r, dtype=torch.float64)) for r in ratio)
     aspect = torch.exp(lo + (hi - lo) * u(N, tries))
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
@@ -113,7 +113,7 @@ def random_resized_crops(heights, widths, scale, ratio, generator=None, flip_pro
     any_ok = ok.any(dim=1)
     h_try, w_try = h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0]
     in_ratio = w_img / h_img                                                       # the centre-crop fallback
-    w_fb = torch.where(in_ratio < ratio[0], w_img, torch.where(in_ratio > ratio[1], torch.round(h_img * ratio[1]), w_img))
+    w_fb = torch.where(in_ratio > ratio[1], torch.round(h_img * ratio[1]), w_img)
     h_fb = torch.where(in_ratio < ratio[0], torch.round(w_img / ratio[0]), h_img)
     h_c = torch.where(any_ok, h_try, h_fb).clamp(1, None)
     w_c = torch.where(any_ok, w_try, w_fb).clamp(1, None)

@@ -6,8 +6,9 @@
 Eager PyTorch normalises P (a full read and write of [B, L, D]), multiplies, reduces, and keeps the normalised copy
 for backward. Here the forward kernel reads P once (and Z, normalised on the fly) and writes four fp32 numbers per
 row (the loss, c = cos, |p|, |z|); the backward kernel reads P once more and writes dP once; the gradient of the
-mean reaches it as a broadcast, read through its zero strides without being materialised. Accumulation is fp32 whatever P's dtype; any strides
-(the [B, L, D] view of a channels-last 1x1-conv output has stride 1 along D, an NCHW one stride L) without a copy.
+mean reaches it as a broadcast, read through its zero strides without being materialised. Accumulation is fp32
+whatever P's dtype; any strides (the [B, L, D] view of a channels-last 1x1-conv output has stride 1 along D, an
+NCHW one stride L) without a copy.
 
 Backward, per row p with s = <p, ẑ>, ẑ = Z[b] / max(|Z[b]|, eps), n = |p|, m = max(n, eps), c = s / m:
     dc/dp = ẑ / m - [n > eps] · c · p / m²          (for n > eps: (ẑ - c p / n) / n; below eps the norm is the

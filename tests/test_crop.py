@@ -98,7 +98,8 @@ def _ks(a, b):
     """Two-sample Kolmogorov-Smirnov statistic."""
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
+    cdf_a = np.searchsorted(a, grid, side="right") / len(a)
+    return np.abs(cdf_a - np.searchsorted(b, grid, side="right") / len(b)).max()
 
 
 @pytest.mark.parametrize("hw,scale", [((300, 400), (0.08, 1.0)), ((32, 32), (0.3, 1.0)), ((500, 60), (0.2, 1.0))])
