@@ -110,7 +110,7 @@ def plot_curves(runs, path):
         if evals:
             axes[1].plot([r["epoch"] + 1 for r in evals], [r["knn"] for r in evals], "o-", label=name)
     axes[0].set(xlabel="epoch", ylabel="training loss")
-    axes[1].set(xlabel="epoch", ylabel="kNN accuracy (val)")
+    axes[1].set(xlabel="epoch (0: random init)", ylabel="kNN accuracy (val)")
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -329,6 +329,11 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print):
             shutil.copyfile(os.path.join(eval_dir, png), os.path.join(out_dir, f"{name}_{png}"))
         log_path = os.path.join(run, "log.jsonl")
         logs[name] = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
+        ck = os.path.join(run, "checkpoint.pt")
+        rnd = torch.load(ck, map_location="cpu", weights_only=False).get("results", {}).get("random_init") \
+            if os.path.isfile(ck) else None
+        if rnd:  # the untrained network's kNN, drawn at epoch 0
+            logs[name].insert(0, {"epoch": -1, "knn": rnd["knn"]})
     plot_curves(logs, os.path.join(out_dir, "curves.png"))
     plot_robustness(results, os.path.join(out_dir, "robustness.png"))
     md = [f"# {' vs '.join(names)}", "", "Made by `python evaluate.py --compare " + " ".join(runs) + "`.", "",
