@@ -109,12 +109,7 @@ def plot_curves(runs, path):
         evals = [r for r in rows if "knn" in r]
         if evals:
             axes[1].plot([r["epoch"] + 1 for r in evals], [r["knn"] for r in evals], "o-", label=name)
-    axes[0].set(xlabel="epoch", ylabel="training loss")
-    axes[1].set(xlabel="epoch (0: random init)", ylabel="kNN accuracy (val)")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, axes, [("epoch", "training loss"), ("epoch (0: random init)", "kNN accuracy (val)")], path)
 
 
 def plot_robustness(results, path):
@@ -131,10 +126,13 @@ def plot_robustness(results, path):
         axes[1].plot([float(f) for f in fr], [rob["masking"][f] for f in fr], "o-", label=name)
         eps = sorted(rob["pgd"], key=float)
         axes[2].plot([float(e) for e in eps], [rob["pgd"][e] for e in eps], "o-", label=name)
-    axes[0].set(xlabel="severity (0 = clean)", ylabel="top-1, mean over corruptions")
-    axes[1].set(xlabel="fraction of masked cells", ylabel="top-1")
-    axes[2].set(xlabel="PGD L-inf eps (x 1/255)", ylabel="top-1")
-    for ax in axes:
+    _finish(fig, axes, [("severity", "top-1, mean over corruptions"), ("fraction of masked cells", "top-1"),
+                        ("PGD L-inf eps (x 1/255)", "top-1")], path)
+
+
+def _finish(fig, axes, labels, path):
+    for ax, (x, y) in zip(axes, labels):
+        ax.set(xlabel=x, ylabel=y)
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
