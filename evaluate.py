@@ -186,29 +186,25 @@ def robustness(cfg, classify, x, y, device, log=print):
     x = x.permute(0, 3, 1, 2).float().div(255)
     g = torch.Generator().manual_seed(cfg["robust.seed"])
 
-    def accuracy(transform):
+    def accuracy(transform):  # transform(images, labels) -> images; batches of 250, scored on `device`
         correct = 0
         for xb, yb in zip(x.split(250), y.split(250)):
-            xb = transform(xb).to(device)
+            xb = transform(xb, yb).to(device)
             with torch.no_grad():
                 correct += int((classify(xb).argmax(1).cpu() == yb).sum())
         return correct / len(x)
 
-    out = {"clean": accuracy(lambda b: b), "corruptions": {}, "masking": {}, "pgd": {}}
+    out = {"clean": accuracy(lambda b, _: b), "corruptions": {}, "masking": {}, "pgd": {}}
     for name in cfg["robust.corruptions"]:
-        out["corruptions"][name] = {str(s): accuracy(lambda b, s=s: corrupt(b, name, s, g))
+        out["corruptions"][name] = {str(s): accuracy(lambda b, _, s=s: corrupt(b, name, s, g))
                                     for s in range(1, cfg["robust.severities"] + 1)}
         log(f"  {name}: " + " ".join(f"{v:.3f}" for v in out["corruptions"][name].values()))
     for f in cfg["robust.mask_fractions"]:
-        out["masking"][f"{f:g}"] = accuracy(lambda b, f=f: mask_patches(b, f, cfg["robust.mask_patch"],
-                                                                          cfg["robust.mask_fill"], g))
+        out["masking"][f"{f:g}"] = accuracy(lambda b, _, f=f: mask_patches(b, f, cfg["robust.mask_patch"],
+                                                                             cfg["robust.mask_fill"], g))
     for eps in cfg["robust.pgd_eps"]:
-        correct = 0
-        for xb, yb in zip(x.split(250), y.split(250)):
-            adv = pgd_attack(classify, xb.to(device), yb.to(device), eps / 255, cfg["robust.pgd_steps"], generator=None)
-            with torch.no_grad():
-                correct += int((classify(adv).argmax(1).cpu() == yb).sum())
-        out["pgd"][f"{eps:g}"] = correct / len(x)
+        out["pgd"][f"{eps:g}"] = accuracy(lambda b, t, eps=eps: pgd_attack(
+            classify, b.to(device), t.to(device), eps / 255, cfg["robust.pgd_steps"]))
     if out["corruptions"]:
         out["corruption_mean"] = float(np.mean([v for c in out["corruptions"].values() for v in c.values()]))
     return out

@@ -19,7 +19,7 @@ from ffcv.libffcv import memcpy
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
-from kernels.crop import Crops, Ragged, crop_views, random_resized_crops
+from kernels.crop import Crops, Ragged, crop_views, sample_views
 
 HEADER = 16  # bytes: int32 byte count, height, width, mode
 
@@ -104,12 +104,8 @@ class GPUViews:
     def __call__(self, images, size, generator=None):
         """Returns a tuple of V tensors [B, 3, size, size] (normalised, channels-last)."""
         B, V = images.height.shape[0], len(self.augments)
-        crops = random_resized_crops(images.height.repeat(V), images.width.repeat(V), self.scale, self.ratio,
-                                     generator, self.flip_prob)
-        crops = crops._replace(src=torch.arange(B, device=images.height.device).repeat(V))   # view-major
-        params = [aug.sample(B, size, generator, images.height.device) for aug in self.augments]
-        color = {k: torch.cat([p[k] for p in params]) for k in params[0] if k != "kernel_size"}
-        color["kernel_size"] = params[0]["kernel_size"]
+        crops, color = sample_views(images.height, images.width, self.augments, size, self.scale, self.ratio,
+                                    generator, self.flip_prob)                            # view-major
         mean, std = self.augments[0].mean, self.augments[0].std
         out = crop_views(images, crops, color, size, mean, std, self.out_dtype, self.backend)
         return tuple(out[v * B:(v + 1) * B] for v in range(V))

@@ -11,6 +11,7 @@ Every run folder holds params.json (resolved config), env.json (versions, device
 TensorBoard scalars (tb/) and checkpoint.pt (atomic; the last good one survives a crash or a NaN).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -236,15 +237,18 @@ def tau_at(step, total, base):
 # ---------------------------------------------------------------------------------------------------------------
 # The losses of each method (pure functions in losses.py; here: which tensors go where).
 
-# CO-SimCLR's local InfoNCE: the fused Triton op (kernels/local_info_nce.py) on CUDA, 2.3-3.3x faster than eager
-# on an H100; torch.compile's fusion of the reference is faster still (0.16 vs 0.22 ms at B=256, L=49, D=256,
-# BENCHMARKS.md), so with training.compile=1 on CUDA train() swaps that in.
-LOCAL_INFO_NCE = {"fn": local_info_nce}
-
-
+@functools.cache
 def _compiled_local_info_nce():
-    compiled = torch.compile(local_global_info_nce, dynamic=False)
-    return lambda *args, backend="auto": compiled(*args)
+    return torch.compile(local_global_info_nce, dynamic=False)
+
+
+def local_info_nce_term(cfg, *args):
+    """CO-SimCLR's local InfoNCE: the fused Triton op (kernels/local_info_nce.py) on CUDA, 2.3-3.3x faster than
+    eager on an H100; torch.compile's fusion of the reference is faster still (0.16 vs 0.22 ms at B=256, L=49,
+    D=256, BENCHMARKS.md), so that one runs when training.compile=1 on CUDA with training.kernels=auto."""
+    if cfg["training.compile"] and args[0].is_cuda and cfg["training.kernels"] == "auto":
+        return _compiled_local_info_nce()(*args)
+    return local_info_nce(*args, backend=cfg["training.kernels"])
 
 
 def method_loss(cfg, online, target, views, local_views, affinity):
@@ -264,8 +268,7 @@ def method_loss(cfg, online, target, views, local_views, affinity):
         offset = (dist.get_rank() * o1["z"].shape[0]) if z1_all.shape[0] != o1["z"].shape[0] else 0
         loss = terms["global"] = nt_xent(o1["z"], o2["z"], T, z1_all, z2_all, offset)
         if name == "co_simclr":
-            terms["local"] = LOCAL_INFO_NCE["fn"](o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset,
-                                                  backend=cfg["training.kernels"])
+            terms["local"] = local_info_nce_term(cfg, o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset)
             loss = mix(loss, terms["local"], w_s, cfg["method.mixing"])
     affinity_loss = None
     if local_views is not None:  # LoGo: L_gg (above) + L_lg + lambda L_ll
@@ -407,7 +410,7 @@ def train(cfg, on_step=None, log=print):
     torch.manual_seed(seed)
 
     # data
-    train_path, _ = beton(cfg, "train"), beton(cfg, "val")
+    train_path, val_path = beton(cfg, "train"), beton(cfg, "val")
     total_train, num_classes = num_images_and_classes(train_path)
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
@@ -458,7 +461,7 @@ def train(cfg, on_step=None, log=print):
         log(f"resumed {ckpt_path} at epoch {start_epoch}, step {step}")
     elif is_main and cfg["eval.random_init"] and "random_init" not in results:
         results["random_init"] = evaluate(cfg, online.backbone, None, device, num_classes, cfg["augment.res"], True,
-                                          beton(cfg, "train"), beton(cfg, "val"))
+                                          train_path, val_path)
         log(f"random init: knn={results['random_init']['knn']:.4f} probe={results['random_init'].get('probe', 0):.4f}")
     if is_main:
         with open(os.path.join(run_dir, "params.json"), "w") as fh:
@@ -474,15 +477,14 @@ def train(cfg, on_step=None, log=print):
     if cfg["training.compile"]:  # one graph per resolution (LoGo, progressive res): dynamic shapes hit an inductor
         # stride assertion in channels-last conv backward (torch 2.11, H100)
         model = torch.compile(model, dynamic=False)
-    compile_loss = cfg["training.compile"] and device.type == "cuda" and cfg["training.kernels"] == "auto"
-    LOCAL_INFO_NCE["fn"] = _compiled_local_info_nce() if compile_loss else local_info_nce
     tb = _tensorboard(run_dir) if is_main else None
     logfile = open(os.path.join(run_dir, "log.jsonl"), "a") if is_main else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["training.bf16"])
 
     for epoch in range(start_epoch, epochs):
-        if resolution_at(cfg, epoch) != res:
-            res = resolution_at(cfg, epoch)
+        new_res = resolution_at(cfg, epoch)
+        if new_res != res:
+            res = new_res
             if decoders:  # CPU path: the crop decoders resize in the loader's threads
                 decoders[0].output_size = (res, res)
                 loader.generate_code()
@@ -527,7 +529,7 @@ def train(cfg, on_step=None, log=print):
         last = epoch == epochs - 1
         if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
             metrics = evaluate(cfg, online.backbone, probe, device, num_classes, cfg["augment.res"], last,
-                               beton(cfg, "train"), beton(cfg, "val"))
+                               train_path, val_path)
             results[f"epoch{epoch}"] = metrics
             _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
             log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from augment import apply_color_ops, byol_view_augments, normalize  # noqa: E402
-from kernels.crop import crop_views, random_resized_crops, ragged_from_list  # noqa: E402
+from kernels.crop import crop_views, ragged_from_list, sample_views  # noqa: E402
 from kernels.local_global_cosine import local_global_cosine, local_global_cosine_ref  # noqa: E402
 from kernels.local_info_nce import local_info_nce  # noqa: E402
 from losses import local_global_info_nce  # noqa: E402
@@ -156,13 +156,7 @@ def bench_crop(batch, size, iters, warmup, bw):
     V = len(augments)
 
     def params():
-        crops = random_resized_crops(ragged.height.repeat(V), ragged.width.repeat(V), (0.08, 1.0), (3 / 4, 4 / 3),
-                                     gen)
-        crops = crops._replace(src=torch.arange(batch, device="cuda").repeat(V))
-        sampled = [a.sample(batch, size, gen, "cuda") for a in augments]
-        color = {k: torch.cat([s[k] for s in sampled]) for k in sampled[0] if k != "kernel_size"}
-        color["kernel_size"] = sampled[0]["kernel_size"]
-        return crops, color
+        return sample_views(ragged.height, ragged.width, augments, size, (0.08, 1.0), generator=gen)
 
     crops, color = params()
     fused = both(lambda: crop_views(ragged, crops, color, size), iters, warmup)

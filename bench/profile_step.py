@@ -14,17 +14,14 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-import train_coss  # noqa: E402
 from bench_loader import make_jpeg_tree  # noqa: E402
-from config import load_config  # noqa: E402
-from throughput import write_beton  # noqa: E402
+from throughput import setup, write_beton  # noqa: E402
 
 
 def main(argv=None):
@@ -39,6 +36,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "ref"])
+    p.add_argument("--local-res", type=int, default=96, help="LoGo's local crops, px")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"))
     p.add_argument("--out", default="prof")
@@ -52,24 +51,8 @@ def main(argv=None):
     tree = os.path.join(args.data, f"jpegs_{args.images}")
     make_jpeg_tree(tree, args.images, args.workers)
     path = write_beton(tree, args.data, args.workers)
-    name, logo = ("byol", 1) if args.method == "logo" else (args.method, 0)
-    cfg = load_config(None, [
-        f"--method.name={name}", f"--method.logo={logo}", f"--model.backbone={args.backbone}",
-        f"--augment.res={args.res}", f"--optim.batch_size={args.batch}", f"--data.decode={args.decode}",
-        f"--augment.workers={args.workers}", "--augment.interpolation=bilinear", "--method.proj_hidden=4096",
-        "--method.proj_dim=256", "--method.pred_hidden=4096", "--method.local_hidden=1024", "--optim.lars_eta=0.001",
-        f"--training.compile={args.compile}", f"--training.device={device.type}"]
-        + [f"--{kv}" for kv in args.set])
-    n = train_coss.num_images_and_classes(path)[0]
-    loader, _ = train_coss.train_loader(cfg, path, np.arange(n), 1, args.res)
-    make_views = train_coss.view_maker(cfg, device)
-    online, target, probe, affinity = train_coss.build_model(cfg, 100, device)
-    opt = train_coss.LARS(train_coss.param_groups(online, 1e-6), lr=0.1, eta=0.001)
-    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
-    aff_opt = torch.optim.Adam(affinity.parameters(), lr=1e-3) if affinity is not None else None
-    model = torch.compile(online, dynamic=False) if args.compile else online
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    nets, opts = (model, online, target, probe, affinity), (opt, probe_opt, aff_opt)
+    _, loader, make_views, train_step, _, _ = setup(path, args.method, args.backbone, args.res, args.decode, args,
+                                                    device)
 
     def batches():
         while True:
@@ -78,9 +61,7 @@ def main(argv=None):
     it = batches()
 
     def step(i):
-        views, local_views, labels = make_views(next(it), args.res, torch.Generator(device=device).manual_seed(i))
-        train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "",
-                              cfg["training.nan_check_every"] == 1)
+        train_step(*make_views(next(it), args.res, torch.Generator(device=device).manual_seed(i)))
 
     for i in range(args.warmup):
         step(i)

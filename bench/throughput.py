@@ -75,7 +75,10 @@ def train_flops_per_image(cfg, online, target, res):
     return flops
 
 
-def bench_one(path, method, backbone, res, decode, args, device, peak):
+def setup(path, method, backbone, res, decode, args, device):
+    """The trainer's pieces for one case, built as train_coss.py builds them (ImageNet-size heads, LARS):
+    (cfg, loader, make_views, step(views, local_views, labels), online, target). method "logo" = byol + LoGo.
+    Shared with bench/profile_step.py; args: batch, workers, compile, kernels, local_res, set."""
     name, logo = ("byol", 1) if method == "logo" else (method, 0)
     cfg = load_config(None, [
         f"--method.name={name}", f"--method.logo={logo}", f"--model.backbone={backbone}", f"--augment.res={res}",
@@ -89,13 +92,22 @@ def bench_one(path, method, backbone, res, decode, args, device, peak):
     loader, _ = train_coss.train_loader(cfg, path, np.arange(n_images), 1, res)
     make_views = train_coss.view_maker(cfg, device)
     online, target, probe, affinity = train_coss.build_model(cfg, 100, device)
-    flops = train_flops_per_image(cfg, online, target, res)
     opt = train_coss.LARS(train_coss.param_groups(online, 1e-6), lr=0.1, eta=0.001)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     aff_opt = torch.optim.Adam(affinity.parameters(), lr=1e-3) if affinity is not None else None
     model = torch.compile(online, dynamic=False) if args.compile else online
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     nets, opts = (model, online, target, probe, affinity), (opt, probe_opt, aff_opt)
+
+    def step(views, local_views, labels):
+        train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "",
+                              cfg["training.nan_check_every"] == 1)
+    return cfg, loader, make_views, step, online, target
+
+
+def bench_one(path, method, backbone, res, decode, args, device, peak):
+    cfg, loader, make_views, train_step, online, target = setup(path, method, backbone, res, decode, args, device)
+    flops = train_flops_per_image(cfg, online, target, res)
 
     def sync():
         if device.type == "cuda":
@@ -119,8 +131,7 @@ def bench_one(path, method, backbone, res, decode, args, device, peak):
             gen = torch.Generator(device=device).manual_seed(step)
             views, local_views, labels = make_views(batch, res, gen)
             if with_model:
-                train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "",
-                                      cfg["training.nan_check_every"] == 1)
+                train_step(views, local_views, labels)
             if step + 1 == args.warmup + steps:
                 break
         sync()

@@ -123,6 +123,18 @@ def random_resized_crops(heights, widths, scale, ratio, generator=None, flip_pro
     return Crops(torch.arange(N, device=dev), top.long(), left.long(), h_c.long(), w_c.long(), r[:, 2] < flip_prob)
 
 
+def sample_views(heights, widths, augments, size, scale, ratio=(3 / 4, 4 / 3), generator=None, flip_prob=0.5):
+    """Parameters of V = len(augments) views of each of B images, view-major (view v of image b is n = v B + b):
+    Crops (random_resized_crops) and the colour dict of each view's ViewAugment.sample, concatenated."""
+    B, V = heights.shape[0], len(augments)
+    crops = random_resized_crops(heights.repeat(V), widths.repeat(V), scale, ratio, generator, flip_prob)
+    crops = crops._replace(src=torch.arange(B, device=heights.device).repeat(V))
+    params = [aug.sample(B, size, generator, heights.device) for aug in augments]
+    color = {k: torch.cat([p[k] for p in params]) for k in params[0] if k != "kernel_size"}
+    color["kernel_size"] = params[0]["kernel_size"]
+    return crops, color
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reference: torchvision.transforms.v2.functional, one view at a time.
 

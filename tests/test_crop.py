@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from augment import ViewAugment, blur_kernel_size
+from augment import ViewAugment
 from conftest import CUDA, needs_cuda
-from kernels.crop import Crops, crop_views, crop_views_ref, random_resized_crops, ragged_from_list
+from kernels.crop import Crops, crop_views, crop_views_ref, random_resized_crops, ragged_from_list, sample_views
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -20,16 +20,10 @@ def batch(sizes, layout, seed=0):
 
 
 def params(images, V, size, seed=0, p_blur=(1.0, 0.5), p_solarize=(0.5, 0.5), p_gray=0.3, scale=(0.08, 1.0)):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    B = images.height.shape[0]
-    crops = random_resized_crops(images.height.repeat(V), images.width.repeat(V), scale, (3 / 4, 4 / 3), g)
-    crops = crops._replace(src=torch.arange(B, device=DEVICE).repeat(V))
     augs = [ViewAugment(p_jitter=1.0, p_blur=p_blur[v % 2], p_solarize=p_solarize[v % 2], p_gray=p_gray)
             for v in range(V)]
-    sampled = [a.sample(B, size, g, DEVICE) for a in augs]
-    color = {k: torch.cat([s[k] for s in sampled]) for k in sampled[0] if k != "kernel_size"}
-    color["kernel_size"] = blur_kernel_size(size)
-    return crops, color
+    return sample_views(images.height, images.width, augs, size, scale,
+                        generator=torch.Generator(device=DEVICE).manual_seed(seed))
 
 
 SIZES = [(1, 1), (37, 50), (64, 31), (7, 300), (20, 20)]
