@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from bench_loader import make_jpeg_tree  # noqa: E402
-from throughput import setup, write_beton  # noqa: E402
+from throughput import add_setup_args, setup, write_beton  # noqa: E402
 
 
 def main(argv=None):
@@ -31,18 +31,10 @@ def main(argv=None):
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--res", type=int, default=160)
     p.add_argument("--decode", default="gpu", choices=["cpu", "gpu"])
-    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--compile", type=int, default=1)
-    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "ref"])
-    p.add_argument("--local-res", type=int, default=96, help="LoGo's local crops, px")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"))
     p.add_argument("--out", default="prof")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                   help="extra config values, e.g. training.nan_check_every=20")
+    add_setup_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -75,6 +75,19 @@ def train_flops_per_image(cfg, online, target, res):
     return flops
 
 
+def add_setup_args(p):
+    """The options `setup` reads (shared with bench/profile_step.py)."""
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "ref"])
+    p.add_argument("--local-res", type=int, default=96, help="LoGo's local crops, px")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"))
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra config values, e.g. training.nan_check_every=20")
+
+
 def setup(path, method, backbone, res, decode, args, device):
     """The trainer's pieces for one case, built as train_coss.py builds them (ImageNet-size heads, LARS):
     (cfg, loader, make_views, step(views, local_views, labels), online, target). method "logo" = byol + LoGo.
@@ -154,18 +167,10 @@ def main(argv=None):
     p.add_argument("--backbone", nargs="+", default=["resnet18"])
     p.add_argument("--res", nargs="+", type=int, default=[224])
     p.add_argument("--decode", nargs="+", default=["gpu"], choices=["cpu", "gpu"])
-    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=15, help="untimed steps first (compilation, autotuning)")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--compile", type=int, default=1)
-    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "ref"])
-    p.add_argument("--local-res", type=int, default=96, help="LoGo's local crops, px")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"))
+    add_setup_args(p)
     p.add_argument("--json")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                   help="extra config values, e.g. training.nan_check_every=20")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
