@@ -264,6 +264,8 @@ def _declare(cfg):
         warmup_epochs=Param(StrictFloat(0.0), "linear warm-up, then cosine to 0", default=0.2),
         weight_decay=Param(StrictFloat(0.0), "not applied to biases and norms", default=5e-4),
         momentum=Param(StrictFloat(0.0, 1.0), "", default=0.9),
+        optimizer=Param(Choice("lars", "adamw"), "lars: LARS / SGD with momentum (see lars_eta); adamw: AdamW, "
+                        "same groups (no decay on biases and norms), betas (momentum, 0.999)", default="lars"),
         lars_eta=Param(StrictFloat(0.0), "LARS trust coefficient (0 = SGD with momentum)", default=0.0),
         tau=Param(StrictFloat(0.0, 1.0), "EMA tau at step 0; cosine to 1 (BYOL family)", default=0.99),
         probe_lr=Param(StrictFloat(0.0), "online linear probe: SGD lr", default=0.1),

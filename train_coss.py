@@ -197,7 +197,9 @@ def param_groups(model, weight_decay, predictor_lr_mult=1.0):
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratio eta * ||w|| / ||g + wd w|| (You et al. 2017; BYOL's variant:
-    groups with lars=False get neither weight decay nor adaptation)."""
+    groups with lars=False get neither weight decay nor adaptation). One group's update is a handful of
+    torch._foreach_* calls (a few kernel launches per group, not per parameter); tests check it against the
+    per-parameter formula."""
 
     def __init__(self, params, lr, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, momentum=momentum, eta=eta, weight_decay=0.0, lars=True))
@@ -205,20 +207,39 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
-                if group["lars"] and group["eta"] > 0:
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
-                                        torch.ones_like(w_norm))
-                    update.mul_(trust)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                update = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            else:
+                update = torch._foreach_mul(grads, 1.0)
+            if group["lars"] and group["eta"] > 0:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                u_norm = torch.stack(torch._foreach_norm(update))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
+                                    torch.ones_like(w_norm))
+                torch._foreach_mul_(update, list(trust.to(update[0].dtype).unbind()))
+            bufs = []
+            for p, u in zip(params, update):
                 state = self.state[p]
                 if "momentum" not in state:
                     state["momentum"] = torch.zeros_like(p)
-                buf = state["momentum"].mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
+                bufs.append(state["momentum"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, update)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def build_optimizer(cfg, online, peak_lr):
+    groups = param_groups(online, cfg["optim.weight_decay"], cfg["optim.predictor_lr_mult"])
+    if cfg["optim.optimizer"] == "adamw":
+        for g in groups:
+            g.pop("lars")
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg["optim.momentum"], 0.999),
+                                 foreach=True)
+    return LARS(groups, lr=peak_lr, momentum=cfg["optim.momentum"], eta=cfg["optim.lars_eta"])
 
 
 def lr_at(step, total, warmup, peak):
@@ -424,8 +445,7 @@ def train(cfg, on_step=None, log=print):
     # model, optimisers
     online, target, probe, affinity = build_model(cfg, num_classes, device)
     peak_lr = cfg["optim.lr"] * cfg["optim.batch_size"] * world / 256
-    opt = LARS(param_groups(online, cfg["optim.weight_decay"], cfg["optim.predictor_lr_mult"]), lr=peak_lr,
-               momentum=cfg["optim.momentum"], eta=cfg["optim.lars_eta"])
+    opt = build_optimizer(cfg, online, peak_lr)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
     aff_opt = torch.optim.Adam(affinity.parameters(), lr=cfg["method.logo_affinity_lr"]) if affinity else None
     run_dir = run_folder(cfg)

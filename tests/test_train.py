@@ -14,7 +14,7 @@ from config import load_config
 from conftest import CUDA, REPO, TINY, needs_cuda, quiet, tiny_cfg
 import train_coss
 from evaluate import feature_probe_accuracy, knn_accuracy
-from train_coss import (LARS, TrainingError, lr_at, param_groups,
+from train_coss import (LARS, TrainingError, build_optimizer, lr_at, param_groups,
                         resolution_at, tau_at, train)
 
 @pytest.mark.timeout(600)
@@ -234,6 +234,45 @@ def test_lars_groups_and_update():
     trust = 0.01 * w0.norm() / update.norm()
     torch.testing.assert_close(model[0].weight, w0 - 0.5 * trust * update)
     torch.testing.assert_close(model[0].bias, b0 - 0.5 * torch.ones_like(b0))  # no decay, no adaptation
+
+
+def test_lars_matches_the_per_parameter_formula_over_steps():
+    """The foreach LARS equals the textbook per-parameter update for several steps: trust ratio on decayed weights,
+    a zero weight (trust 1), a parameter without gradient (untouched), momentum carried across steps."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+    with torch.no_grad():
+        model[2].weight.zero_()
+    groups = param_groups(model, 0.05)
+    opt = LARS(groups, lr=0.3, momentum=0.8, eta=0.02)
+    ref = {p: (p.detach().clone(), torch.zeros_like(p)) for p in model.parameters()}
+    lars_of = {p: (gr["lars"], gr["weight_decay"]) for gr in groups for p in gr["params"]}
+    for step in range(4):
+        for p in model.parameters():
+            p.grad = None if p is model[1].bias else torch.randn(p.shape, generator=g)
+        for p, (w, buf) in ref.items():
+            if p.grad is None:
+                continue
+            lars, wd = lars_of[p]
+            u = p.grad + wd * w
+            if lars and w.norm() > 0 and u.norm() > 0:
+                u = 0.02 * w.norm() / u.norm() * u
+            buf.mul_(0.8).add_(u)
+            w.sub_(0.3 * buf)
+        opt.step()
+        for p, (w, _) in ref.items():
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
+    assert torch.equal(model[1].bias.detach(), torch.zeros(7))  # never had a gradient
+
+
+def test_adamw_option_keeps_the_groups():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    cfg = load_config(None, ["--optim.optimizer=adamw", "--optim.weight_decay=0.1", "--optim.momentum=0.8"])
+    opt = build_optimizer(cfg, model, peak_lr=0.01)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.8, 0.999) and opt.param_groups[0]["params"][0] is model[0].weight
+    assert isinstance(build_optimizer(load_config(None, []), model, 0.01), LARS)
 
 
 def test_schedules():
