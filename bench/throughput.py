@@ -89,14 +89,15 @@ def add_setup_args(p):
 
 
 def setup(path, method, backbone, res, decode, args, device):
-    """The trainer's pieces for one case, built as train_coss.py builds them (ImageNet-size heads, LARS):
+    """The trainer's pieces for one case, built as train_coss.py builds them (ImageNet-size heads, BYOL's ImageNet augmentations, LARS):
     (cfg, loader, make_views, step(views, local_views, labels), online, target). method "logo" = byol + LoGo.
     Shared with bench/profile_step.py; args: batch, workers, compile, kernels, local_res, set."""
     name, logo = ("byol", 1) if method == "logo" else (method, 0)
     cfg = load_config(None, [
         f"--method.name={name}", f"--method.logo={logo}", f"--model.backbone={backbone}", f"--augment.res={res}",
         f"--optim.batch_size={args.batch}", f"--data.decode={decode}", f"--augment.workers={args.workers}",
-        "--augment.interpolation=bilinear", "--method.proj_hidden=4096", "--method.proj_dim=256",
+        "--augment.interpolation=bilinear", "--augment.p_blur1=1.0", "--augment.p_blur2=0.1",
+        "--augment.c_min=0.08", "--method.proj_hidden=4096", "--method.proj_dim=256",
         "--method.pred_hidden=4096", "--method.local_hidden=1024", "--optim.lars_eta=0.001",
         f"--training.compile={args.compile}", f"--training.kernels={args.kernels}",
         f"--method.logo_local_res={args.local_res}", f"--training.device={device.type}"]
