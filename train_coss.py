@@ -222,7 +222,7 @@ class LARS(torch.optim.Optimizer):
                                     torch.ones_like(w_norm))
                 torch._foreach_mul_(update, list(trust.to(update[0].dtype).unbind()))
             bufs = []
-            for p, u in zip(params, update):
+            for p in params:
                 state = self.state[p]
                 if "momentum" not in state:
                     state["momentum"] = torch.zeros_like(p)
@@ -233,12 +233,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(cfg, online, peak_lr):
+    """optim.optimizer over param_groups (AdamW ignores the groups' 'lars' flag but keeps their weight decay)."""
     groups = param_groups(online, cfg["optim.weight_decay"], cfg["optim.predictor_lr_mult"])
     if cfg["optim.optimizer"] == "adamw":
-        for g in groups:
-            g.pop("lars")
-        return torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg["optim.momentum"], 0.999),
-                                 foreach=True)
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg["optim.momentum"], 0.999), foreach=True)
     return LARS(groups, lr=peak_lr, momentum=cfg["optim.momentum"], eta=cfg["optim.lars_eta"])
 
 

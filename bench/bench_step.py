@@ -29,9 +29,10 @@ def bench_one(method, backbone, res, batch, device, compile_, iters, warmup, loc
     cfg = load_config(None, [f"--method.name={method}", f"--model.backbone={backbone}", f"--augment.res={res}",
                              f"--optim.batch_size={batch}", "--method.proj_hidden=4096", "--method.proj_dim=256",
                              "--method.pred_hidden=4096", f"--method.local_hidden={local_hidden}",
-                             "--optim.lars_eta=0.001", "--optim.lr=1.0"])
+                             "--optim.lars_eta=0.001", "--optim.lr=1.0", "--optim.weight_decay=1e-6",
+                             "--augment.p_blur1=1.0", "--augment.p_blur2=0.1"])  # BYOL's ImageNet views
     online, target, probe, _ = train_coss.build_model(cfg, 100, device)
-    opt = train_coss.LARS(train_coss.param_groups(online, 1e-6), lr=0.1, eta=0.001)
+    opt = train_coss.build_optimizer(cfg, online, peak_lr=0.1)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     model = torch.compile(online) if compile_ else online
     augments = train_coss.view_augments(cfg)

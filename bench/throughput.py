@@ -89,8 +89,8 @@ def add_setup_args(p):
 
 
 def setup(path, method, backbone, res, decode, args, device):
-    """The trainer's pieces for one case, built as train_coss.py builds them (ImageNet-size heads, BYOL's ImageNet augmentations, LARS):
-    (cfg, loader, make_views, step(views, local_views, labels), online, target). method "logo" = byol + LoGo.
+    """The trainer's pieces for one case, built as train_coss.py builds them (ImageNet-size heads, BYOL's ImageNet
+    augmentations, LARS): (cfg, loader, make_views, step(views, local_views, labels), online, target). method "logo" = byol + LoGo.
     Shared with bench/profile_step.py; args: batch, workers, compile, kernels, local_res, set."""
     name, logo = ("byol", 1) if method == "logo" else (method, 0)
     cfg = load_config(None, [
@@ -99,6 +99,7 @@ def setup(path, method, backbone, res, decode, args, device):
         "--augment.interpolation=bilinear", "--augment.p_blur1=1.0", "--augment.p_blur2=0.1",
         "--augment.c_min=0.08", "--method.proj_hidden=4096", "--method.proj_dim=256",
         "--method.pred_hidden=4096", "--method.local_hidden=1024", "--optim.lars_eta=0.001",
+        "--optim.weight_decay=1e-6",
         f"--training.compile={args.compile}", f"--training.kernels={args.kernels}",
         f"--method.logo_local_res={args.local_res}", f"--training.device={device.type}"]
         + [f"--{kv}" for kv in args.set])
@@ -106,7 +107,7 @@ def setup(path, method, backbone, res, decode, args, device):
     loader, _ = train_coss.train_loader(cfg, path, np.arange(n_images), 1, res)
     make_views = train_coss.view_maker(cfg, device)
     online, target, probe, affinity = train_coss.build_model(cfg, 100, device)
-    opt = train_coss.LARS(train_coss.param_groups(online, 1e-6), lr=0.1, eta=0.001)
+    opt = train_coss.build_optimizer(cfg, online, peak_lr=0.1)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     aff_opt = torch.optim.Adam(affinity.parameters(), lr=1e-3) if affinity is not None else None
     model = torch.compile(online, dynamic=False) if args.compile else online
