@@ -58,27 +58,27 @@ class ViewAugment:
             "kernel_size": blur_kernel_size(image_size),
         }
 
-    def __call__(self, views_hwc_uint8, generator=None, params=None):
-        """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (channels-last memory)."""
+    def __call__(self, views_hwc_uint8, generator=None, params=None, memory_format=torch.channels_last):
+        """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (channels-last memory unless told otherwise)."""
         if views_hwc_uint8.ndim != 4 or views_hwc_uint8.shape[-1] != 3 or views_hwc_uint8.dtype != torch.uint8:
             raise ValueError(f"expected uint8 [B, H, W, 3], got {views_hwc_uint8.dtype} {tuple(views_hwc_uint8.shape)}")
         B, H, W, _ = views_hwc_uint8.shape
         if params is None:
             params = self.sample(B, min(H, W), generator, views_hwc_uint8.device)
         x = views_hwc_uint8.permute(0, 3, 1, 2).float().div_(255)              # [B, 3, H, W] in [0, 1]
-        return normalize(apply_color_ops(x, params), self.mean, self.std)
+        return normalize(apply_color_ops(x, params), self.mean, self.std, memory_format)
 
 
-def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """float [B, 3, H, W] in [0, 1] -> (x - mean) / std, channels-last memory."""
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD, memory_format=torch.channels_last):
+    """float [B, 3, H, W] in [0, 1] -> (x - mean) / std, in `memory_format` (channels-last by default)."""
     mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return ((x - mean) / std).contiguous(memory_format=memory_format)
 
 
-def uint8_hwc_to_normalized(x):
-    """uint8 [B, H, W, 3] (an eval batch) -> normalised float [B, 3, H, W], channels-last."""
-    return normalize(x.permute(0, 3, 1, 2).float().div_(255))
+def uint8_hwc_to_normalized(x, memory_format=torch.channels_last):
+    """uint8 [B, H, W, 3] (an eval batch) -> normalised float [B, 3, H, W], in `memory_format`."""
+    return normalize(x.permute(0, 3, 1, 2).float().div_(255), memory_format=memory_format)
 
 
 def byol_view_augments(p_blur=(1.0, 0.1), p_solarize=(0.0, 0.2), **common):

@@ -277,7 +277,8 @@ def _declare(cfg):
         device=Param(Choice("auto", "cpu", "cuda"), "", default="auto"),
         compile=Param(StrictBool(), "torch.compile the online network", default=False),
         bf16=Param(StrictBool(), "bf16 autocast (CUDA only)", default=True),
-        channels_last=Param(StrictBool(), "", default=True),
+        channels_last=Param(StrictBool(), "channels-last memory for nets and views (also faster on the CPU: "
+                            "README, 'CPU paths')", default=True),
         out_dir=Param(Text(), "runs are written to <out_dir>/<run_name>", default="runs"),
         run_name=Param(Text(), "empty = <method>_<backbone>_s<seed>", default=""),
         checkpoint_every=Param(StrictInt(1), "epochs between checkpoints (and the last one)", default=1),

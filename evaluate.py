@@ -43,11 +43,11 @@ def eval_loader(cfg, path, n_images, res):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device):
+def extract_features(backbone, loader, device, fmt=torch.channels_last):
     backbone.eval()
     feats, labels = [], []
     for images, y in loader:
-        x = uint8_hwc_to_normalized(images.to(device))
+        x = uint8_hwc_to_normalized(images.to(device), fmt)
         feats.append(backbone(x)[1].float().cpu())  # pooled features [B, C], not normalised
         labels.append(y.view(-1).long().clone())  # FFCV reuses its output buffers: copy what we keep
     backbone.train()
@@ -88,8 +88,11 @@ def feature_probe_accuracy(train_f, train_y, val_f, val_y, num_classes, iters, w
 def evaluate(cfg, backbone, probe, device, num_classes, res, with_probe_fit, train_path, val_path):
     """kNN on L2-normalised features, the online probe on the raw pooled features, and (at the end) a linear probe
     fitted on the frozen normalised features; one feature pass over the bank and one over val."""
-    train_f, train_y = extract_features(backbone, eval_loader(cfg, train_path, cfg["eval.bank_images"], res), device)
-    val_raw, val_y = extract_features(backbone, eval_loader(cfg, val_path, cfg["eval.val_images"], res), device)
+    from rf_resnet import memory_format
+    fmt = memory_format(cfg["training.channels_last"])
+    train_f, train_y = extract_features(backbone, eval_loader(cfg, train_path, cfg["eval.bank_images"], res), device,
+                                        fmt)
+    val_raw, val_y = extract_features(backbone, eval_loader(cfg, val_path, cfg["eval.val_images"], res), device, fmt)
     train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_raw, dim=1)
     out = {"knn": knn_accuracy(train_f, train_y, val_f, val_y, num_classes, cfg["eval.k"], cfg["eval.t"])}
     if probe is not None:

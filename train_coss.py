@@ -34,7 +34,7 @@ from kernels.local_info_nce import local_info_nce
 from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
                     local_global_regression, logo_affinity_losses, mix, nt_xent)
 from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
-from rf_resnet import build_backbone
+from rf_resnet import build_backbone, memory_format
 
 DEMO_CONFIG = "configs/fmnist.yaml"
 
@@ -133,6 +133,7 @@ def view_maker(cfg, device):
     """batch from the train loader -> (views, LoGo's local views or None, labels) on `device`: two normalised float
     [B, 3, res, res] channels-last tensors (and two at logo_local_res), per-sample augmentations."""
     augments = view_augments(cfg)
+    fmt = memory_format(cfg["training.channels_last"])
     if cfg["data.decode"] == "gpu":
         from gpu_views import GPUViews, upload
         dtype = torch.bfloat16 if device.type == "cuda" and cfg["training.bf16"] else torch.float32
@@ -143,15 +144,19 @@ def view_maker(cfg, device):
         def make(batch, res, gen):
             images = upload(batch[0], device)  # one decode per image for all views
             local = locals_(images, cfg["method.logo_local_res"], gen) if cfg["method.logo"] else None
-            return globals_(images, res, gen), local, batch[1].to(device).view(-1).long()
+            views = globals_(images, res, gen)  # the crop kernels write channels-last
+            if fmt != torch.channels_last:
+                views = tuple(v.contiguous(memory_format=fmt) for v in views)
+                local = tuple(v.contiguous(memory_format=fmt) for v in local) if local is not None else None
+            return views, local, batch[1].to(device).view(-1).long()
     else:
         def make(batch, res, gen):
             views_u8 = batch[0].to(device, non_blocking=True)                       # [B, 2, res, res, 3]
-            views = tuple(aug(views_u8[:, v], gen) for v, aug in enumerate(augments))
+            views = tuple(aug(views_u8[:, v], gen, memory_format=fmt) for v, aug in enumerate(augments))
             local = None
             if cfg["method.logo"]:
                 local_u8 = batch[2].to(device, non_blocking=True)
-                local = tuple(aug(local_u8[:, v], gen) for v, aug in enumerate(augments))
+                local = tuple(aug(local_u8[:, v], gen, memory_format=fmt) for v, aug in enumerate(augments))
             return views, local, batch[1].to(device).view(-1).long()
     return make
 
@@ -175,7 +180,7 @@ def build_model(cfg, num_classes, device):
     target = TargetNet(online) if cfg["method.name"] in BYOL_FAMILY else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
-    fmt = torch.channels_last if cfg["training.channels_last"] else torch.contiguous_format
+    fmt = memory_format(cfg["training.channels_last"])
     mods = [m for m in (online, target, probe, affinity) if m is not None]
     for m in mods:
         m.to(device=device, memory_format=fmt)

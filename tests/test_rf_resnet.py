@@ -156,3 +156,76 @@ def test_list_prints_every_preset():
     assert len(lines) == len(PRESETS) + 1
     for name, line in zip(PRESETS, lines[1:]):
         assert line.split()[0] == name and int(line.split()[1]) == rf_size(PRESETS[name])
+
+
+# ------------------------------------------------------------------------ the AVX2 oneDNN crash (portable CPU paths)
+
+_REDUCED_CASE = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from rf_resnet import Conv2d, build_backbone
+torch.set_num_threads(1)
+conv = Conv2d(4, 8, 1, 2, bias=False).to(memory_format=torch.channels_last)   # the issue's reduced case
+x = torch.randn(16, 4, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
+for _ in range(20):
+    conv(x).sum().backward()
+for cin in (3, 7):                                                              # any count below 8, odd sizes
+    conv = Conv2d(cin, 8, 1, 2, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(5, cin, 15, 17).to(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(10):
+        conv(x).sum().backward()
+net = build_backbone("resnet18_w16_cifar", width=4).to(memory_format=torch.channels_last)  # the tests' nets
+x = torch.randn(16, 3, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
+for _ in range(3):
+    net(x)[1].sum().backward()                                                  # weights and input (PGD, ERF)
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "native"])
+def test_strided_pointwise_conv_backward_survives_on_avx2_and_native_cpus(isa):
+    """torch 2.14.1's oneDNN corrupts the heap in this backward on AVX2 kernels; our Conv2d must never reach it.
+    A subprocess (with glibc's heap checks on) so that an abort fails this test instead of killing the suite."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    if isa == "AVX2":
+        env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    debug = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
+    if os.path.exists(debug):
+        env.update(LD_PRELOAD=debug, MALLOC_CHECK_="3")
+    res = subprocess.run([sys.executable, "-c", _REDUCED_CASE.format(repo=REPO)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "survived" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stride,shape", [((2, 2), (3, 4, 15, 17)), ((3, 2), (2, 7, 16, 9)), ((2, 2), (1, 12, 8, 8))])
+def test_cpu_strided_pointwise_conv_equals_nn_conv2d_in_values_and_gradients(stride, shape):
+    from rf_resnet import Conv2d
+    torch.manual_seed(0)
+    ours = Conv2d(shape[1], 5, 1, stride, bias=True)
+    ref = nn.Conv2d(shape[1], 5, 1, stride, bias=True)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        xo = x.clone().to(memory_format=layout).requires_grad_()
+        xr = x.clone().requires_grad_()          # the reference in NCHW: a kernel the bug does not touch
+        go = torch.randn(ref(xr).shape)
+        (ours(xo) * go).sum().backward()
+        (ref(xr) * go).sum().backward()
+        torch.testing.assert_close(ours(xo), ref(xr), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+        for m in (ours, ref):
+            m.zero_grad()
+
+
+def test_the_suite_runs_the_avx2_kernels_when_asked():
+    """`make test` sets ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2; check that torch honours both."""
+    code = ("import torch; print('aten', torch.backends.cpu.get_cpu_capability()); "
+            "torch.nn.Conv2d(3, 8, 3)(torch.randn(2, 3, 8, 8))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_VERBOSE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "aten AVX2" in res.stdout
+    isa = [line for line in res.stdout.splitlines() if ",info,cpu,isa:" in line]
+    assert isa and isa[0].rstrip().endswith("isa:Intel AVX2"), res.stdout[:2000]
