@@ -343,6 +343,11 @@ def new_config():
     return cfg
 
 
+def _example_key(section):
+    keys = sorted(k[1] for k in new_config().entries if k[0] == section)
+    return keys[0] if keys else "key"
+
+
 def _flatten(tree, prefix=()):
     """{'a': {'b': 1}} -> {('a', 'b'): 1}; a dotted key 'a.b' counts as nested."""
     out = {}
@@ -352,6 +357,9 @@ def _flatten(tree, prefix=()):
             if not value:
                 raise ConfigError(f"config key '{'.'.join(path)}' is an empty section")
             out.update(_flatten(value, path))
+        elif len(path) == 1 and path[0] in {k[0] for k in new_config().entries}:
+            raise ConfigError(f"config key '{path[0]}' must be a section holding 'key: value' lines (for example "
+                              f"'{path[0]}:' then '  {_example_key(path[0])}: ...' on the next line), not {value!r}")
         else:
             out[path] = value
     return out
@@ -364,9 +372,17 @@ def _read_yaml(path, seen=()):
         raise ConfigError(f"config file not found: {path}")
     if os.path.abspath(path) in seen:
         raise ConfigError(f"config file {path} includes itself through 'base'")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if b"\0" in data:
+        raise ConfigError(f"config file {path} is a binary file, not YAML text")
     try:
-        with open(path) as fh:
-            tree = yaml.safe_load(fh)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") \
+            from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if tree is None:
@@ -426,6 +442,8 @@ def load_config(path=None, overrides=()):
         except Exception:
             got = cfg.content.get(key, param.default)
             raise ConfigError(f"bad value for '{'.'.join(key)}': {got!r} (expected {param.checker.help()})") from None
+    cfg.source_file = path  # where the values came from, for messages that name a command to run
+    cfg.overrides = {".".join(k): v for k, v in _parse_overrides(list(overrides)).items()}
     return cfg
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from augment import uint8_hwc_to_normalized
 from config import ConfigError
+from write_ffcv import BetonError
 
 
 def eval_loader(cfg, path, n_images, res):
@@ -107,19 +108,63 @@ def evaluate(cfg, backbone, probe, device, num_classes, res, with_probe_fit, tra
 # ---------------------------------------------------------------------------------------------------------------
 # The evaluation suite: python evaluate.py --ckpt RUN_DIR   |   python evaluate.py --compare RUN_A RUN_B --out DIR
 
+class CheckpointError(ValueError):
+    """A checkpoint that must not be used: missing, empty, truncated, foreign, incomplete or non-finite."""
+
+
+CHECKPOINT_KEYS = ("online", "target", "probe", "opt", "probe_opt", "epoch", "step", "rng", "config")
+
+
+def nonfinite_tensors(tree, name=""):
+    """Names of the floating-point tensors in a nested state (dicts, lists, tuples) that hold a NaN or an inf."""
+    if isinstance(tree, torch.Tensor):
+        return [name] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    return [bad for k, v in items for bad in nonfinite_tensors(v, f"{name}.{k}" if name else str(k))]
+
+
+def read_checkpoint(path):
+    """A train_coss.py checkpoint.pt as a dict, or CheckpointError with one line saying what is wrong with it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} (give a run folder or its checkpoint.pt)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, random bytes, a text file: torch raises many kinds
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated or not one: {why})") from None
+    if isinstance(ck, dict) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()) and "online" not in ck:
+        raise CheckpointError(f"{path} holds bare weights (an exported backbone.pt?), not a train_coss.py "
+                              f"checkpoint: give the run folder or its checkpoint.pt, which also holds the config")
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete train_coss.py checkpoint (missing {', '.join(missing)})")
+    bad = nonfinite_tensors(ck)
+    if bad:
+        raise CheckpointError(f"{path} holds NaN/inf in {len(bad)} tensors (e.g. {', '.join(bad[:3])}); refusing "
+                              f"to use it")
+    return ck
+
+
 def load_backbone(ckpt, device):
     """A run folder or its checkpoint.pt -> (backbone with the online weights, the run's config dict)."""
     from rf_resnet import build_backbone
     path = os.path.join(ckpt, "checkpoint.pt") if os.path.isdir(ckpt) else ckpt
-    if not os.path.isfile(path):
-        raise EvalError(f"checkpoint not found: {path} (give a run folder or its checkpoint.pt)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or "online" not in ck or "config" not in ck:
-        raise EvalError(f"{path} is not a train_coss.py checkpoint (no online weights and config)")
+    ck = read_checkpoint(path)
     model = ck["config"]["model"]
-    backbone = build_backbone(model["backbone"], **({"width": model["width"]} if model["width"] else {}))
-    state = {k[len("backbone."):]: v for k, v in ck["online"].items() if k.startswith("backbone.")}
-    backbone.load_state_dict(state)
+    try:
+        backbone = build_backbone(model["backbone"], **({"width": model["width"]} if model["width"] else {}))
+        state = {k[len("backbone."):]: v for k, v in ck["online"].items() if k.startswith("backbone.")}
+        backbone.load_state_dict(state)
+    except Exception as e:
+        raise CheckpointError(f"{path}: its backbone weights do not fit its model settings {model} "
+                              f"({str(e).splitlines()[0][:160]})") from None
     return backbone.to(device, memory_format=torch.channels_last).eval(), ck["config"]
 
 
@@ -218,14 +263,11 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print):
     robustness, analyses; writes eval.json, eval.md and PNGs into out_dir. Returns the results dict."""
     from analyses import effective_receptive_fields, global_local_similarity, plot_erf, plot_similarity
     from augment import normalize
-    from write_ffcv import beton_path
+    from write_ffcv import read_beton_info
     device = torch.device(device)
     backbone, run_cfg = load_backbone(ckpt, device)
     cfg = run_config(run_cfg, overrides)
-    paths = {s: beton_path(cfg, s) for s in ("train", "val")}
-    for split, p in paths.items():
-        if not os.path.isfile(p):
-            raise EvalError(f"beton not found: {p} — write it with: python write_ffcv.py --split {split}")
+    paths = {s: read_beton_info(cfg, s)[0] for s in ("train", "val")}
     res = cfg["augment.res"]
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -329,8 +371,7 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print):
         log_path = os.path.join(run, "log.jsonl")
         logs[name] = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
         ck = os.path.join(run, "checkpoint.pt")
-        rnd = torch.load(ck, map_location="cpu", weights_only=False).get("results", {}).get("random_init") \
-            if os.path.isfile(ck) else None
+        rnd = read_checkpoint(ck).get("results", {}).get("random_init") if os.path.isfile(ck) else None
         if rnd:  # the untrained network's kNN, drawn at epoch 0
             logs[name].insert(0, {"epoch": -1, "knn": rnd["knn"]})
     plot_curves(logs, os.path.join(out_dir, "curves.png"))
@@ -377,8 +418,8 @@ def main(argv=None):
                 raise EvalError(f"--names gives {len(names)} labels for {len(args.compare)} runs")
             compare(args.compare, names, args.out or os.path.join("reports", "_vs_".join(names)), overrides,
                     args.device)
-    except (EvalError, ConfigError) as e:
-        print(f"evaluate.py: {e}", file=sys.stderr)
+    except (EvalError, ConfigError, CheckpointError, BetonError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from augment import ViewAugment
 from config import ConfigError, as_dict, load_config
-from evaluate import evaluate
+from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
 from kernels.local_info_nce import local_info_nce
 from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
                     local_global_regression, logo_affinity_losses, mix, nt_xent)
 from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
 from rf_resnet import build_backbone, memory_format
+from write_ffcv import BetonError
 
 DEMO_CONFIG = "configs/fmnist.yaml"
 
@@ -71,13 +72,13 @@ def gather_with_grad(x):
 # ---------------------------------------------------------------------------------------------------------------
 # Data: FFCV betons written by write_ffcv.py with the same config.
 
-def beton(cfg, split):
-    from write_ffcv import beton_path
-    path = beton_path(cfg, split)
-    if not os.path.isfile(path):
-        raise TrainingError(f"beton not found: {path} — write it with: python write_ffcv.py --split {split}"
-                            + (f" --config {cfg.source_file}" if getattr(cfg, "source_file", None) else ""))
-    return path
+def betons(cfg):
+    """(train path, val path, train images, classes): both betons checked at start-up (complete and readable), so a
+    damaged val beton stops the run now, not after the last epoch."""
+    from write_ffcv import read_beton_info
+    train_path, total_train, num_classes = read_beton_info(cfg, "train")
+    val_path, _, _ = read_beton_info(cfg, "val")
+    return train_path, val_path, total_train, num_classes
 
 
 def num_images_and_classes(path):
@@ -363,10 +364,27 @@ def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, worl
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary file and renamed, so a crash never leaves a half-written one.
 
-def save_checkpoint(path, state):
+def kept_checkpoint(path):
+    """What a stopped run leaves to resume from, for its last message."""
+    if os.path.isfile(path):
+        return f"the last good checkpoint is kept at {path}"
+    return f"no checkpoint had been written yet ({path} would hold the first, at the end of an epoch)"
+
+
+def save_checkpoint(path, state, when):
+    """Writes state atomically, and only if every tensor in it is finite: a run never replaces a good checkpoint
+    with a poisoned one (NaN/inf in a weight, a BatchNorm statistic, the EMA target or the optimiser state)."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise TrainingError(f"NaN/inf in {len(bad)} tensors of the state {when} (e.g. {', '.join(bad[:3])}); "
+                            f"not saved: {kept_checkpoint(path)}")
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def rng_state():
@@ -422,8 +440,78 @@ def check_options(cfg, num_train, world):
                             f"{num_train} training images")
 
 
+def resume_state(cfg, ckpt_path):
+    """The checkpoint to continue from: complete, finite, and written with this run's model and method settings."""
+    ck = read_checkpoint(ckpt_path)
+    now = as_dict(cfg)
+    differ = [f"{section}.{k}: {ck['config'].get(section, {}).get(k)!r} in the checkpoint, {v!r} now"
+              for section in ("model", "method") for k, v in now[section].items()
+              if ck["config"].get(section, {}).get(k) != v]
+    if differ:
+        raise TrainingError(f"{ckpt_path} was written with other settings ({'; '.join(differ[:4])}"
+                            f"{'; ...' if len(differ) > 4 else ''}); refusing to resume")
+    return ck
+
+
+def _forget_after(log_path, step):
+    """On resume: drop the log rows of steps after the checkpoint (they are run again), atomically."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as fh:
+        rows = fh.readlines()
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line cut by the crash
+            pass
+    tmp = f"{log_path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, log_path)
+
+
+def _write_params(run_dir, cfg, resumed_from=None):
+    """params.json holds the config the run started with; a resume appends when, where and what changed."""
+    path = os.path.join(run_dir, "params.json")
+    now = as_dict(cfg)
+    if resumed_from is not None and os.path.isfile(path):
+        try:
+            params = json.load(open(path))
+        except ValueError:
+            params = {}
+        original = {k: v for k, v in params.items() if k != "resumes"} or resumed_from["config"]
+        changed = {f"{sec}.{k}": [original.get(sec, {}).get(k), v] for sec, keys in now.items() for k, v in keys.items()
+                   if original.get(sec, {}).get(k) != v}
+        params = {**original, "resumes": params.get("resumes", []) + [
+            {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": resumed_from["epoch"],
+             "step": resumed_from["step"], "changed": changed}]}
+    else:
+        params = now
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(params, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _evaluate(cfg, online, probe, device, num_classes, final, train_path, val_path, ckpt_path):
+    """The monitors; a failure (e.g. a val beton damaged during the run) is one line that says the weights are safe."""
+    try:
+        betons(cfg)  # re-checked: cheap, and FFCV hangs on a damaged file instead of raising
+        return evaluate(cfg, online.backbone, probe, device, num_classes, cfg["augment.res"], final, train_path,
+                        val_path)
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainingError(f"evaluation failed: {why}; the trained weights are safe: {kept_checkpoint(ckpt_path)}"
+                            + (f" and {os.path.join(os.path.dirname(ckpt_path), 'backbone.pt')}" if final else "")
+                            + f" (evaluate them with: python evaluate.py --ckpt {os.path.dirname(ckpt_path)})") \
+            from None
+
+
 def train(cfg, on_step=None, log=print):
-    """Runs (or resumes) a training run; returns the final metrics. `on_step(step)` is called after every step."""
+    """Runs (or resumes) a training run; returns the final metrics (rank 0; other ranks get only run_dir and rank).
+    `on_step(step)` is called after every step."""
     rank, world, device = setup_distributed(cfg["training.device"])
     is_main = rank == 0
     if cfg["training.threads"]:
@@ -433,9 +521,8 @@ def train(cfg, on_step=None, log=print):
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-    # data
-    train_path, val_path = beton(cfg, "train"), beton(cfg, "val")
-    total_train, num_classes = num_images_and_classes(train_path)
+    # data (both betons checked before anything else happens)
+    train_path, val_path, total_train, num_classes = betons(cfg)
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
     res = resolution_at(cfg, 0)
@@ -462,14 +549,14 @@ def train(cfg, on_step=None, log=print):
                             f"another training.run_name")
 
     # random-init baseline (before any step), then resume if asked
-    start_epoch, step, results = 0, 0, {}
+    start_epoch, step, results, ck = 0, 0, {}, None
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
     if cfg["training.resume"] and os.path.isfile(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for key in ("model", "method"):
-            if ck["config"][key] != as_dict(cfg)[key]:
-                raise TrainingError(f"{ckpt_path} was written with other '{key}' settings; refusing to resume")
+        try:
+            ck = resume_state(cfg, ckpt_path)
+        except CheckpointError as e:
+            raise TrainingError(f"cannot resume: {e}") from None
         online.load_state_dict(ck["online"])
         probe.load_state_dict(ck["probe"])
         opt.load_state_dict(ck["opt"])
@@ -481,14 +568,15 @@ def train(cfg, on_step=None, log=print):
             aff_opt.load_state_dict(ck["aff_opt"])
         start_epoch, step, results = ck["epoch"], ck["step"], ck.get("results", {})
         set_rng_state(ck["rng"])
+        if is_main:
+            _forget_after(os.path.join(run_dir, "log.jsonl"), step)
         log(f"resumed {ckpt_path} at epoch {start_epoch}, step {step}")
     elif is_main and cfg["eval.random_init"] and "random_init" not in results:
         results["random_init"] = evaluate(cfg, online.backbone, None, device, num_classes, cfg["augment.res"], True,
                                           train_path, val_path)
         log(f"random init: knn={results['random_init']['knn']:.4f} probe={results['random_init'].get('probe', 0):.4f}")
     if is_main:
-        with open(os.path.join(run_dir, "params.json"), "w") as fh:
-            json.dump(as_dict(cfg), fh, indent=1)
+        _write_params(run_dir, cfg, ck)
         with open(os.path.join(run_dir, "env.json"), "w") as fh:
             json.dump(environment(device, world), fh, indent=1)
     model = online
@@ -500,10 +588,19 @@ def train(cfg, on_step=None, log=print):
     if cfg["training.compile"]:  # one graph per resolution (LoGo, progressive res): dynamic shapes hit an inductor
         # stride assertion in channels-last conv backward (torch 2.11, H100)
         model = torch.compile(model, dynamic=False)
-    tb = _tensorboard(run_dir) if is_main else None
+    # TensorBoard hides the events of steps after the checkpoint (purge_step), as log.jsonl drops their rows
+    tb = _tensorboard(run_dir, step + 1 if ck is not None else None) if is_main else None
     logfile = open(os.path.join(run_dir, "log.jsonl"), "a") if is_main else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["training.bf16"])
 
+    def state(epoch):
+        return {"online": online.state_dict(), "target": target.state_dict() if target is not None else None,
+                "probe": probe.state_dict(), "opt": opt.state_dict(), "probe_opt": probe_opt.state_dict(),
+                "affinity": affinity.state_dict() if affinity is not None else None,
+                "aff_opt": aff_opt.state_dict() if aff_opt is not None else None,
+                "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": as_dict(cfg), "results": results}
+
+    # Steps are counted from 1 in logs and messages: "step k" is the k-th update (log rows carry the same k).
     for epoch in range(start_epoch, epochs):
         new_res = resolution_at(cfg, epoch)
         if new_res != res:
@@ -512,7 +609,7 @@ def train(cfg, on_step=None, log=print):
                 decoders[0].output_size = (res, res)
                 loader.generate_code()
         loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
-        check_every, checked = cfg["training.nan_check_every"], step
+        check_every, checked = cfg["training.nan_check_every"], step + 1
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         t_epoch, seen = time.perf_counter(), 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
@@ -526,15 +623,15 @@ def train(cfg, on_step=None, log=print):
             terms, probe_logits = train_step(
                 cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views, local_views, labels,
                 amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
-                f"at epoch {epoch}, step {step}; the last good checkpoint is kept at {ckpt_path}", check_every == 1)
+                f"at step {step + 1} (epoch {epoch}); not applied: {kept_checkpoint(ckpt_path)}", check_every == 1)
+            step += 1
             if check_every > 1:  # a running flag on the device; the host looks at it every check_every steps
                 nonfinite = nonfinite | ~torch.isfinite(terms["loss"].detach())
-                if (step + 1) % check_every == 0 or i == steps_per_epoch - 1:
+                if step % check_every == 0 or i == steps_per_epoch - 1:
                     if bool(nonfinite):  # sync
-                        raise TrainingError(f"loss is nan/inf at a step between {checked} and {step} of epoch "
-                                            f"{epoch}; the last good checkpoint is kept at {ckpt_path}")
+                        raise TrainingError(f"loss is nan/inf at a step between {checked} and {step} (epoch "
+                                            f"{epoch}); {kept_checkpoint(ckpt_path)}")
                     checked = step + 1
-            step += 1
             seen += len(labels) * world
             if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):
                 rate = seen / (time.perf_counter() - t_epoch)
@@ -549,27 +646,34 @@ def train(cfg, on_step=None, log=print):
             if on_step is not None:
                 on_step(step)
         bar.close()
+        # the weights first (only if finite), then the evaluation: a failing evaluation never costs the epoch
         last = epoch == epochs - 1
+        saved = is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last)
+        if saved:
+            save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
+        elif is_main and nonfinite_tensors(state(epoch)):  # caught now rather than at the next checkpoint
+            raise TrainingError(f"NaN/inf in the state after epoch {epoch} (step {step}); {kept_checkpoint(ckpt_path)}")
+        if last and is_main:
+            export_backbone(online, os.path.join(run_dir, "backbone.pt"))
         if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
-            metrics = evaluate(cfg, online.backbone, probe, device, num_classes, cfg["augment.res"], last,
-                               train_path, val_path)
+            metrics = _evaluate(cfg, online, probe, device, num_classes, last, train_path, val_path, ckpt_path)
             results[f"epoch{epoch}"] = metrics
             _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
             log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last):
-            save_checkpoint(ckpt_path, {
-                "online": online.state_dict(), "target": target.state_dict() if target is not None else None,
-                "probe": probe.state_dict(), "opt": opt.state_dict(), "probe_opt": probe_opt.state_dict(),
-                "affinity": affinity.state_dict() if affinity is not None else None,
-                "aff_opt": aff_opt.state_dict() if aff_opt is not None else None,
-                "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": as_dict(cfg), "results": results})
-    if is_main:
+            if saved:  # the same weights, now with this evaluation's results
+                save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
+    if is_main and start_epoch >= epochs and f"epoch{epochs - 1}" not in results:
+        # resumed after the last epoch's checkpoint (the final evaluation had not finished): finish it now
         export_backbone(online, os.path.join(run_dir, "backbone.pt"))
+        results[f"epoch{epochs - 1}"] = _evaluate(cfg, online, probe, device, num_classes, True, train_path,
+                                                  val_path, ckpt_path)
+        save_checkpoint(ckpt_path, state(epochs - 1), "after the final evaluation")
+    if is_main:
         if logfile:
             logfile.close()
         if tb:
             tb.close()
-    results["run_dir"] = run_dir
+    results["run_dir"], results["rank"] = run_dir, rank
     return results
 
 
@@ -582,9 +686,9 @@ def _write_row(logfile, tb, row, step):
                 tb.add_scalar(k, v, step)
 
 
-def _tensorboard(run_dir):
+def _tensorboard(run_dir, purge_step=None):
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(os.path.join(run_dir, "tb"))
+    return SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
 
 
 def environment(device, world):
@@ -630,11 +734,12 @@ def main(argv=None):
         return 0
     try:
         cfg = load_config(args.config, overrides)
-        cfg.source_file = args.config
         results = train(cfg)
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError, BetonError) as e:
         print(f"train_coss.py: error: {e}", file=sys.stderr)
         return 2
+    if results["rank"] != 0:  # only rank 0 evaluates and holds results
+        return 0
     final = [v for k, v in results.items() if k.startswith("epoch")][-1]
     if args.demo:
         rnd = results.get("random_init", {})

@@ -256,6 +256,63 @@ def beton_path(cfg, split):
     return os.path.join(cfg["data.beton_dir"], f"{cfg['data.name']}_{split}.beton")
 
 
+class BetonError(ValueError):
+    """A beton that is missing or cannot be read (one line for the user, naming the command that rewrites it)."""
+
+
+def write_command(cfg, split, overwrite=False):
+    """The write_ffcv.py command that (re)writes `split` of this config, with the user's --data.* overrides."""
+    parts = ["python write_ffcv.py", f"--split {split}"]
+    if getattr(cfg, "source_file", None):
+        parts.append(f"--config {cfg.source_file}")
+    parts += [f"--{k}={v}" for k, v in getattr(cfg, "overrides", {}).items() if k.startswith("data.")]
+    return " ".join(parts + (["--writer.overwrite=1"] if overwrite else []))
+
+
+def read_beton_info(cfg, split):
+    """(path, number of images, number of classes) of `split`, after checking that the file is a complete beton
+    with image and label fields: a missing, empty, truncated or foreign file raises BetonError (one line)."""
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+    path = beton_path(cfg, split)
+    if not os.path.isfile(path):
+        raise BetonError(f"beton not found: {path} — write it with: {write_command(cfg, split)}")
+    size = os.path.getsize(path)
+
+    def bad(why):
+        return BetonError(f"{path} is not a readable beton ({why}) — rewrite it with: "
+                          f"{write_command(cfg, split, overwrite=True)}")
+    if size < HeaderType.itemsize:
+        raise bad(f"{size} bytes: empty or truncated")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise bad("no FFCV header: a foreign file or a damaged start")
+    if not HeaderType.itemsize < int(header["alloc_table_ptr"]) < size:
+        raise bad(f"truncated: the file's {size} bytes end before its allocation table")
+    try:
+        reader = Reader(path)
+    except Exception as e:  # a foreign or damaged header: FFCV raises AssertionError, ValueError, KeyError, ...
+        raise bad(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable header'}") from None
+    if not {"image", "label"} <= set(reader.field_names):
+        raise bad(f"fields {reader.field_names}, expected image and label")
+    n = int(reader.num_samples)
+    table_ptr = int(reader.header["alloc_table_ptr"])
+    table_bytes = size - table_ptr
+    if n == 0 or len(reader.metadata) != n or table_bytes <= 0 or table_bytes % ALLOC_TABLE_TYPE.itemsize:
+        raise bad("truncated: header, metadata and allocation table do not fit the file's "
+                  f"{size} bytes")
+    table = reader.alloc_table
+    if int((table["ptr"] + table["size"]).max()) > size:
+        raise bad("truncated: samples point past the end of the file")
+    image_ptrs = reader.metadata[f"f{reader.field_names.index('image')}"]["data_ptr"]
+    if not np.isin(image_ptrs, table["ptr"]).all():
+        raise bad("truncated: some images are missing from the allocation table")
+    labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+    if labels.min() < 0:
+        raise bad("negative labels")
+    return path, n, int(labels.max()) + 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Writing.
 

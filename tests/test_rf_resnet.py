@@ -26,7 +26,9 @@ def test_standard_layout_equals_torchvision(name):
     ours.load_state_dict(tv.state_dict(), strict=True)
     x = torch.randn(2, 3, 67, 61)  # odd sizes exercise padding and pooling
     with torch.no_grad():
-        torch.testing.assert_close(ours.logits(x), tv(x), rtol=1e-5, atol=1e-5)
+        # on the CPU our strided 1x1 convs sum in another order (rf_resnet.Conv2d): fp32 rounding of the logits' scale
+        scale = float(tv(x).abs().max())
+        torch.testing.assert_close(ours.logits(x), tv(x), rtol=1e-5, atol=1e-6 * scale)
         back = getattr(torchvision.models, name)(weights=None).eval()
         back.load_state_dict(export_torchvision_state_dict(ours), strict=True)
         torch.testing.assert_close(back(x), tv(x), rtol=1e-5, atol=1e-5)
