@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from augment import uint8_hwc_to_normalized
 from config import ConfigError
-from write_ffcv import BetonError
+from write_ffcv import BetonError, quiet_numba_finalizers
 
 
 def eval_loader(cfg, path, n_images, res):
@@ -405,6 +405,7 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default: <run>/eval, or reports/<names> for --compare)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args, overrides = p.parse_known_args(argv)
+    quiet_numba_finalizers()
     try:
         if bool(args.ckpt) == bool(args.compare):
             raise EvalError("give --ckpt RUN or --compare RUN_A RUN_B ...")

@@ -35,7 +35,7 @@ from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update,
                     local_global_regression, logo_affinity_losses, mix, nt_xent)
 from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
 from rf_resnet import build_backbone, memory_format
-from write_ffcv import BetonError
+from write_ffcv import BetonError, quiet_numba_finalizers
 
 DEMO_CONFIG = "configs/fmnist.yaml"
 
@@ -475,7 +475,7 @@ def _forget_after(log_path, step):
 def _write_params(run_dir, cfg, resumed_from=None):
     """params.json holds the config the run started with; a resume appends when, where and what changed."""
     path = os.path.join(run_dir, "params.json")
-    now = as_dict(cfg)
+    now = json.loads(json.dumps(as_dict(cfg)))  # tuples as lists, as they come back from the file
     if resumed_from is not None and os.path.isfile(path):
         try:
             params = json.load(open(path))
@@ -600,75 +600,78 @@ def train(cfg, on_step=None, log=print):
                 "aff_opt": aff_opt.state_dict() if aff_opt is not None else None,
                 "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": as_dict(cfg), "results": results}
 
-    # Steps are counted from 1 in logs and messages: "step k" is the k-th update (log rows carry the same k).
-    for epoch in range(start_epoch, epochs):
-        new_res = resolution_at(cfg, epoch)
-        if new_res != res:
-            res = new_res
-            if decoders:  # CPU path: the crop decoders resize in the loader's threads
-                decoders[0].output_size = (res, res)
-                loader.generate_code()
-        loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
-        check_every, checked = cfg["training.nan_check_every"], step + 1
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        t_epoch, seen = time.perf_counter(), 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
-                   disable=None if is_main else True)  # None: shown on a terminal only
-        for i, batch in enumerate(loader):
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-            views, local_views, labels = make_views(batch, res, gen)
-            lr = lr_at(step, total_steps, cfg["optim.warmup_epochs"] * steps_per_epoch, peak_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            terms, probe_logits = train_step(
-                cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views, local_views, labels,
-                amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
-                f"at step {step + 1} (epoch {epoch}); not applied: {kept_checkpoint(ckpt_path)}", check_every == 1)
-            step += 1
-            if check_every > 1:  # a running flag on the device; the host looks at it every check_every steps
-                nonfinite = nonfinite | ~torch.isfinite(terms["loss"].detach())
-                if step % check_every == 0 or i == steps_per_epoch - 1:
-                    if bool(nonfinite):  # sync
-                        raise TrainingError(f"loss is nan/inf at a step between {checked} and {step} (epoch "
-                                            f"{epoch}); {kept_checkpoint(ckpt_path)}")
-                    checked = step + 1
-            seen += len(labels) * world
-            if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):
-                rate = seen / (time.perf_counter() - t_epoch)
-                row = {"epoch": epoch, "step": step, "lr": lr, "res": res, "img_per_s": rate,
-                       "probe_train_acc": float((probe_logits.argmax(1) == labels).float().mean()),
-                       **{k: float(v.detach()) for k, v in terms.items()}}
-                _write_row(logfile, tb, row, step)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_per_s=f"{rate:.0f}", refresh=False)
-                if bar.disable:  # no terminal: a plain log line instead of the bar
-                    log(f"epoch {epoch} step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.3g} {rate:.0f} img/s")
-            bar.update(1)
-            if on_step is not None:
-                on_step(step)
-        bar.close()
-        # the weights first (only if finite), then the evaluation: a failing evaluation never costs the epoch
-        last = epoch == epochs - 1
-        saved = is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last)
-        if saved:
-            save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
-        elif is_main and nonfinite_tensors(state(epoch)):  # caught now rather than at the next checkpoint
-            raise TrainingError(f"NaN/inf in the state after epoch {epoch} (step {step}); {kept_checkpoint(ckpt_path)}")
-        if last and is_main:
-            export_backbone(online, os.path.join(run_dir, "backbone.pt"))
-        if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
-            metrics = _evaluate(cfg, online, probe, device, num_classes, last, train_path, val_path, ckpt_path)
-            results[f"epoch{epoch}"] = metrics
-            _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
-            log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if saved:  # the same weights, now with this evaluation's results
+    try:  # a crash still leaves what was logged on disk
+        # Steps are counted from 1 in logs and messages: "step k" is the k-th update (log rows carry the same k).
+        for epoch in range(start_epoch, epochs):
+            new_res = resolution_at(cfg, epoch)
+            if new_res != res:
+                res = new_res
+                if decoders:  # CPU path: the crop decoders resize in the loader's threads
+                    decoders[0].output_size = (res, res)
+                    loader.generate_code()
+            loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
+            check_every, checked = cfg["training.nan_check_every"], step + 1
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+            t_epoch, seen = time.perf_counter(), 0
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
+                       disable=None if is_main else True)  # None: shown on a terminal only
+            for i, batch in enumerate(loader):
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+                views, local_views, labels = make_views(batch, res, gen)
+                lr = lr_at(step, total_steps, cfg["optim.warmup_epochs"] * steps_per_epoch, peak_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr * group["lr_mult"]
+                terms, probe_logits = train_step(
+                    cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views, local_views,
+                    labels, amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
+                    f"at step {step + 1} (epoch {epoch}); not applied: {kept_checkpoint(ckpt_path)}", check_every == 1)
+                step += 1
+                if check_every > 1:  # a running flag on the device; the host looks at it every check_every steps
+                    nonfinite = nonfinite | ~torch.isfinite(terms["loss"].detach())
+                    if step % check_every == 0 or i == steps_per_epoch - 1:
+                        if bool(nonfinite):  # sync
+                            raise TrainingError(f"loss is nan/inf at a step between {checked} and {step} (epoch "
+                                                f"{epoch}); {kept_checkpoint(ckpt_path)}")
+                        checked = step + 1
+                seen += len(labels) * world
+                if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):
+                    rate = seen / (time.perf_counter() - t_epoch)
+                    row = {"epoch": epoch, "step": step, "lr": lr, "res": res, "img_per_s": rate,
+                           "probe_train_acc": float((probe_logits.argmax(1) == labels).float().mean()),
+                           **{k: float(v.detach()) for k, v in terms.items()}}
+                    _write_row(logfile, tb, row, step)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_per_s=f"{rate:.0f}", refresh=False)
+                    if bar.disable:  # no terminal: a plain log line instead of the bar
+                        log(f"epoch {epoch} step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.3g} "
+                            f"{rate:.0f} img/s")
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step)
+            bar.close()
+            # the weights first (only if finite), then the evaluation: a failing evaluation never costs the epoch
+            last = epoch == epochs - 1
+            saved = is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last)
+            if saved:
                 save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
-    if is_main and start_epoch >= epochs and f"epoch{epochs - 1}" not in results:
-        # resumed after the last epoch's checkpoint (the final evaluation had not finished): finish it now
-        export_backbone(online, os.path.join(run_dir, "backbone.pt"))
-        results[f"epoch{epochs - 1}"] = _evaluate(cfg, online, probe, device, num_classes, True, train_path,
-                                                  val_path, ckpt_path)
-        save_checkpoint(ckpt_path, state(epochs - 1), "after the final evaluation")
-    if is_main:
+            elif is_main and nonfinite_tensors(state(epoch)):  # caught now rather than at the next checkpoint
+                raise TrainingError(f"NaN/inf in the state after epoch {epoch} (step {step}); "
+                                    f"{kept_checkpoint(ckpt_path)}")
+            if last and is_main:
+                export_backbone(online, os.path.join(run_dir, "backbone.pt"))
+            if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
+                metrics = _evaluate(cfg, online, probe, device, num_classes, last, train_path, val_path, ckpt_path)
+                results[f"epoch{epoch}"] = metrics
+                _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
+                log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                if saved:  # the same weights, now with this evaluation's results
+                    save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
+        if is_main and start_epoch >= epochs and f"epoch{epochs - 1}" not in results:
+            # resumed after the last epoch's checkpoint (the final evaluation had not finished): finish it now
+            export_backbone(online, os.path.join(run_dir, "backbone.pt"))
+            results[f"epoch{epochs - 1}"] = _evaluate(cfg, online, probe, device, num_classes, True, train_path,
+                                                      val_path, ckpt_path)
+            save_checkpoint(ckpt_path, state(epochs - 1), "after the final evaluation")
+    finally:
         if logfile:
             logfile.close()
         if tb:
@@ -732,6 +735,7 @@ def main(argv=None):
     if args.plot:
         print(plot(args.plot))
         return 0
+    quiet_numba_finalizers()
     try:
         cfg = load_config(args.config, overrides)
         results = train(cfg)

@@ -256,6 +256,33 @@ def beton_path(cfg, split):
     return os.path.join(cfg["data.beton_dir"], f"{cfg['data.name']}_{split}.beton")
 
 
+def quiet_numba_finalizers():
+    """numba 0.68 releases a collected dispatcher's code by iterating its OrderedDict of overloads, which FFCV's
+    loader threads may be filling at that moment (compiling the same function for another Loader): the iteration
+    raises KeyError, printed as 'Exception ignored in: <finalize object ...>' in the middle of successful runs.
+    Scripts call this once: the finalizer then releases a snapshot of the overloads, which is what it means to do."""
+    from numba.core import dispatcher, utils
+    if getattr(dispatcher._DispatcherBase, "_coss_quiet", False):
+        return
+
+    def _make_finalizer(self):
+        overloads, targetctx = self.overloads, self.targetctx
+
+        def finalizer(shutting_down=utils.shutting_down):
+            if shutting_down():
+                return
+            for key in list(dict.keys(overloads)):  # the plain dict's keys: no linked-list walk to break
+                cres = dict.get(overloads, key)
+                try:
+                    if cres is not None:
+                        targetctx.remove_user_function(cres.entry_point)
+                except KeyError:
+                    pass
+        return finalizer
+    dispatcher._DispatcherBase._make_finalizer = _make_finalizer
+    dispatcher._DispatcherBase._coss_quiet = True
+
+
 class BetonError(ValueError):
     """A beton that is missing or cannot be read (one line for the user, naming the command that rewrites it)."""
 
@@ -468,6 +495,7 @@ def main(argv=None):
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--config", help="YAML config (default: the embedded Fashion-MNIST default)")
     args, overrides = parser.parse_known_args(argv)
+    quiet_numba_finalizers()
     try:
         cfg = load_config(args.config, overrides)
         write_split(cfg, args.split)
