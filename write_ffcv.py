@@ -15,14 +15,16 @@ Nothing is lost: files that cannot be decoded are skipped, counted and listed in
 written to a temporary file beside the target and renamed only when complete.
 """
 import argparse
+import errno
+import glob
 import gzip
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import time
 from ctypes import c_uint64
-from multiprocessing import Process, Queue, Value
 
 import cv2
 import numpy as np
@@ -30,7 +32,7 @@ from PIL import Image
 
 from config import ConfigError, load_config
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLITS = ("train", "val")
 Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check is replaced by writer.max_pixels (skip and list, not crash)
 
@@ -63,10 +65,7 @@ def load_image(path, max_resolution=0, max_pixels=178_956_970):
             im.draft(im.mode, (max_resolution, max_resolution))
         im.load()  # full decode: a truncated or corrupt file raises here
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit grayscale PNG/TIFF: keep the high byte instead of clipping at 255
-            arr = np.asarray(im, dtype=np.uint32) >> 8
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-            rgb = np.repeat(arr[:, :, None], 3, axis=2)
+            rgb = np.repeat(_high_byte(im)[:, :, None], 3, axis=2)
         elif im.mode == "F":
             raise ValueError("floating-point image mode F is not supported")
         else:
@@ -77,13 +76,53 @@ def load_image(path, max_resolution=0, max_pixels=178_956_970):
     return np.ascontiguousarray(resize_max_side(rgb, max_resolution))
 
 
+def _high_byte(im):
+    """A 16- or 32-bit integer grayscale image (PIL modes I;16*, I) -> uint8 by keeping the most significant byte of
+    its declared depth: 16-bit PNG/TIFF >> 8; 32-bit TIFF >> 24 if unsigned, or negatives at 0 and >> 23 if signed
+    (TIFF SampleFormat 2, which is how PIL writes mode I). Shifting by 8 for every depth made 32-bit images white."""
+    arr = np.asarray(im).astype(np.int64)
+    tags = getattr(im, "tag_v2", {})
+    bits = (tags.get(258) or (32,))[0] if im.format == "TIFF" else (16 if im.mode.startswith("I;16") else 32)
+    if im.mode.startswith("I;16") or bits <= 16:
+        return np.clip(arr >> 8, 0, 255).astype(np.uint8)
+    signed = (tags.get(339) or (1,))[0] == 2 if im.format == "TIFF" else True
+    return (np.clip(arr, 0, None) >> 23 if signed else arr >> 24).clip(0, 255).astype(np.uint8)
+
+
+MAX_PAGE_BYTES = 1 << 31  # the largest power of 2 that FFCV's header (uint32 page_size) holds
+
+
 def _check_file(args):
-    path, max_resolution, max_pixels = args
+    """(reason to skip or None, height, width as stored). decode=False reads only the header (writer.verify=0)."""
+    path, max_resolution, max_pixels, decode = args
     try:
-        load_image(path, max_resolution, max_pixels)
-        return None
+        if decode:
+            h, w = load_image(path, max_resolution, max_pixels).shape[:2]
+        else:
+            with Image.open(path) as im:
+                w, h = im.size
+            if max_resolution > 0 and max(h, w) > max_resolution:
+                scale = max_resolution / max(h, w)
+                h, w = max(1, round(h * scale)), max(1, round(w * scale))
+        if h * w * 3 > MAX_PAGE_BYTES:
+            raise ValueError(f"too large for a beton: {w}x{h} px is {h * w * 3 >> 20} MiB of raw pixels, more than "
+                             f"FFCV's largest page ({MAX_PAGE_BYTES >> 20} MiB); set writer.max_resolution")
+        return None, h, w
     except Exception as e:  # any reason to skip is recorded, never raised: one bad file must not stop a write
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 0, 0
+
+
+def page_bytes(cfg, max_shape):
+    """The FFCV page size: writer.page_size_mib, doubled until the largest image fits (a sample never spans pages;
+    FFCV would abort the whole write on it). JPEG modes get room for an encoding larger than the raw pixels."""
+    h, w = max_shape
+    need = h * w * 3
+    if cfg["writer.write_mode"] != "raw":
+        need = need * 3 // 2 + (64 << 10)
+    page = cfg["writer.page_size_mib"] << 20
+    while page < need and page < MAX_PAGE_BYTES:
+        page *= 2
+    return page
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +162,10 @@ class FashionMNIST:
     def label(self, i):
         return int(self.labels[i])
 
+    def max_shape(self):
+        side = self.image_size or self.images.shape[1]
+        return side, side
+
     def image(self, i):
         img = self.images[i]
         if self.image_size and self.image_size != img.shape[0]:
@@ -160,9 +203,21 @@ class ImageFolderTree:
             classes = sorted(classes)
         self.classes = classes
         self.paths, labels, self.ignored = [], [], 0
+        self.not_read = []  # (path, reason): dangling symlinks, files in nested sub-folders (listed, never dropped)
         for label, wnid in enumerate(classes):
             class_dir = os.path.join(split_dir, wnid)
-            files = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and not e.name.startswith("."))
+            files = []
+            for e in sorted(os.scandir(class_dir), key=lambda e: e.name):
+                if e.name.startswith("."):
+                    continue
+                if e.is_symlink() and not os.path.exists(e.path):
+                    self.not_read.append((e.path, "dangling symlink: its target does not exist"))
+                elif e.is_dir():
+                    self.not_read += [(os.path.join(d, f), f"in a nested sub-folder of {class_dir}: not read (a "
+                                       f"class folder must hold its images directly)")
+                                      for d, _, names in sorted(os.walk(e.path)) for f in sorted(names)]
+                elif e.is_file():
+                    files.append(e.name)
             images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
             self.ignored += len(files) - len(images)
             if not images:
@@ -222,6 +277,9 @@ class Synthetic:
 
     def label(self, i):
         return i % self.classes
+
+    def max_shape(self):
+        return self.max_size, self.max_size
 
     def image(self, i):
         return synthetic_image(self.seed, i, self.min_size, self.max_size, self.label(i), self.classes)
@@ -358,11 +416,48 @@ class _Samples:
         return self.source.image(i), self.source.label(i)
 
 
+DISK_FULL_EXIT = 28  # a writer process's exit code for ENOSPC (errno 28), so the parent can say so in one line
+
+
+class WriteError(RuntimeError):
+    """The write cannot go on (a full disk, a dead writer process, a signal); the temporary file is removed."""
+
+
+def _disk_full(path):
+    return WriteError(f"no space left on device: cannot write {path} (free some space, or write elsewhere with "
+                      f"--data.beton_dir)")
+
+
+def _die_with_parent(parent_pid):
+    """In a child process: the kernel kills it when its parent dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG), so a killed write never leaves processes writing on; Ctrl-C is the parent's to handle."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's liveness check below still runs once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _writer_process(parent_pid, work_fn, args):
+    _die_with_parent(parent_pid)
+    try:
+        work_fn(*args)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            os._exit(DISK_FULL_EXIT)
+        raise
+
+
 def _make_writer_class():
     from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
 
     class SafeDatasetWriter(DatasetWriter):
-        """FFCV's writer waits forever when a writer process dies; this one raises instead."""
+        """FFCV's writer waits forever when a writer process dies; this one raises instead. Its processes die with
+        it, its shared-memory segment is unlinked as soon as they hold it, and a full disk is one WriteError."""
 
         def from_indexed_dataset(self, dataset, chunksize=100):
             indices = list(enumerate(range(len(dataset))))
@@ -374,19 +469,24 @@ def _make_writer_class():
             from ffcv.memory_allocator import MemoryAllocator
             self.num_samples = num_samples
             self.prepare()
+            fork = multiprocessing.get_context("fork")  # the children inherit the metadata mapping, not its name
+            procs, unlinked, queues = [], False, []
             try:
-                work, allocations = Queue(), Queue()
+                work, allocations = queues[:] = fork.Queue(), fork.Queue()
                 for chunk in chunks:
                     work.put(chunk)
                 for _ in range(self.num_workers):
                     work.put(None)
-                done = Value(c_uint64, 0)
+                done = fork.Value(c_uint64, 0)
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
                 args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
                         *extra_args)
-                procs = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+                procs = [fork.Process(target=_writer_process, args=(os.getpid(), work_fn, args), daemon=True)
+                         for _ in range(self.num_workers)]
                 for p in procs:
                     p.start()
+                self.metadata_sm.unlink()  # mapped in every process now: no /dev/shm entry outlives a SIGKILL
+                unlinked = True
                 allocation_list, finished = [], 0
                 with tqdm(total=num_samples, desc="write", unit="img", file=sys.stderr, disable=None) as bar:
                     while finished < len(procs):
@@ -395,18 +495,25 @@ def _make_writer_class():
                             finished += 1
                         except queue.Empty:
                             dead = [p for p in procs if p.exitcode not in (None, 0)]
+                            if any(p.exitcode == DISK_FULL_EXIT for p in dead):
+                                raise _disk_full(self.fname)
                             if dead:
-                                for p in procs:
-                                    p.terminate()
-                                raise RuntimeError(f"a writer process died (exit code {dead[0].exitcode}); "
-                                                   f"its error is printed above")
+                                raise WriteError(f"a writer process died (exit code {dead[0].exitcode}); its "
+                                                 f"error is printed above")
                         bar.update(done.value - bar.n)
                 for p in procs:
                     p.join()
                 self.finalize(allocation_list)
             finally:
+                for p in procs:  # on any error or signal: no writer goes on without us
+                    if p.is_alive():
+                        p.kill()
+                    p.join(timeout=5)
+                for q in queues:  # chunks nobody will read: don't wait at exit to flush them into the pipe
+                    q.cancel_join_thread()
                 self.metadata_sm.close()
-                self.metadata_sm.unlink()
+                if not unlinked:
+                    self.metadata_sm.unlink()
 
     return SafeDatasetWriter
 
@@ -427,8 +534,40 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def _remove_stale_temporaries(out, log):
+    """<beton>.tmp-<pid> files whose process is gone (a write killed by SIGKILL, or a crashed machine)."""
+    for path in glob.glob(glob.escape(out) + ".tmp-*"):
+        pid = path.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            size = os.path.getsize(path)
+            os.remove(path)
+            log(f"removed {path} ({size / 2**20:.1f} MiB), left by a write that was killed (process {pid})")
+        except FileNotFoundError:
+            pass
+
+
+class _Signalled(Exception):
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_signal(signum, _frame):
+    raise _Signalled(signum)
+
+
 def write_split(cfg, split, log=print):
-    """Writes one split and returns a summary dict. Raises SourceError/RuntimeError on what cannot be written."""
+    """Writes one split and returns a summary dict. Raises SourceError/WriteError on what cannot be written; SIGTERM
+    and SIGINT (in the main thread) stop it cleanly, removing the temporary file."""
     page_mib = cfg["writer.page_size_mib"]
     if page_mib & (page_mib - 1):
         raise ConfigError(f"bad value for 'writer.page_size_mib': {page_mib} (expected a power of 2)")
@@ -438,55 +577,88 @@ def write_split(cfg, split, log=print):
     t0 = time.perf_counter()
     source = make_source(cfg, split)
     workers = cfg["writer.workers"]
-    keep, skipped = np.arange(len(source)), []
+    keep, skipped, biggest = np.arange(len(source)), [], None
     t_verify = time.perf_counter()
-    if source.paths is not None and cfg["writer.verify"]:
-        keep, skipped = _verify(source, workers, cfg["writer.max_resolution"], cfg["writer.max_pixels"])
+    if source.paths is not None:  # decode every file (verify=1) or read its header (verify=0): the page size
+        keep, skipped, biggest = _scan(source, workers, cfg["writer.max_resolution"], cfg["writer.max_pixels"],
+                                       cfg["writer.verify"])
+    else:
+        biggest = source.max_shape()
     t_verify = time.perf_counter() - t_verify
+    not_read = getattr(source, "not_read", [])
+    listed = skipped + not_read
+    sidecar = out + ".skipped.txt"
     if len(keep) == 0:
         raise SourceError(f"no readable images in {split}: all {len(skipped)} files were skipped")
+    if source.paths is not None and cfg["writer.verify"]:
+        empty = sorted(set(range(len(source.classes))) - set(source.labels[keep].tolist()))
+        if empty:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            _atomic_write_text(sidecar, "".join(f"{p}\t{why}\n" for p, why in listed))
+            raise SourceError(f"class folder {source.classes[empty[0]]} of {split} has no readable image (all its "
+                              f"files were skipped{f', and {len(empty) - 1} more such classes' if len(empty) > 1 else ''}"
+                              f"); a beton without it would have fewer classes than the other split; reasons in "
+                              f"{sidecar}")
     if cfg["writer.shuffle"]:
         keep = np.random.default_rng(cfg["writer.seed"]).permutation(keep)
+    page = page_bytes(cfg, biggest)
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _remove_stale_temporaries(out, log)
     tmp = f"{out}.tmp-{os.getpid()}"
     writer_class = _make_writer_class()
+    handlers = {}
     try:
-        writer = writer_class(tmp, _fields(cfg), page_size=page_mib << 20, num_workers=workers)
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, _raise_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        writer = writer_class(tmp, _fields(cfg), page_size=page, num_workers=workers)
         writer.from_indexed_dataset(_Samples(source, keep, cfg["writer.seed"]), chunksize=cfg["writer.chunk_size"])
         os.replace(tmp, out)  # atomic: the final path holds either nothing (or the old beton) or a complete one
+        if listed:
+            _atomic_write_text(sidecar, "".join(f"{p}\t{why}\n" for p, why in listed))
+        elif os.path.exists(sidecar):
+            os.remove(sidecar)  # stale list from an earlier write of this path
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(e.filename or tmp) from None
+        raise
     finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
         if os.path.exists(tmp):
             os.remove(tmp)
-    sidecar = out + ".skipped.txt"
-    if skipped:
-        _atomic_write_text(sidecar, "".join(f"{p}\t{why}\n" for p, why in skipped))
-    elif os.path.exists(sidecar):
-        os.remove(sidecar)  # stale list from an earlier write of this path
     seconds = time.perf_counter() - t0
     summary = {"split": split, "path": out, "written": int(len(keep)), "skipped": len(skipped),
-               "ignored_files": getattr(source, "ignored", 0), "bytes": os.path.getsize(out),
-               "seconds": seconds, "verify_seconds": t_verify, "img_per_s": len(keep) / seconds}
+               "not_read": len(not_read), "ignored_files": getattr(source, "ignored", 0),
+               "bytes": os.path.getsize(out), "page_mib": page >> 20, "seconds": seconds,
+               "verify_seconds": t_verify, "img_per_s": len(keep) / seconds}
     log(f"{split}: wrote {summary['written']} images, skipped {summary['skipped']}"
-        + (f" (listed in {sidecar})" if skipped else "")
+        + (f", did not read {len(not_read)} (dangling symlinks, files in nested sub-folders)" if not_read else "")
+        + (f" (listed in {sidecar})" if listed else "")
         + (f", ignored {summary['ignored_files']} non-image files" if summary["ignored_files"] else "")
         + f", {summary['bytes'] / 2**20:.1f} MiB in {seconds:.1f} s ({summary['img_per_s']:.0f} img/s"
         + (f"; {t_verify:.1f} s of it verifying)" if t_verify > 0.05 else ")"))
+    if page != page_mib << 20:
+        log(f"page size {page >> 20} MiB instead of writer.page_size_mib={page_mib}: the largest image "
+            f"({biggest[1]}x{biggest[0]} px) needs it")
     log(out)
     return summary
 
 
-def _verify(source, workers, max_resolution, max_pixels):
-    """Decodes every file once in `workers` processes; returns (indices to keep, [(path, reason)] skipped)."""
+def _scan(source, workers, max_resolution, max_pixels, decode):
+    """Every file once in `workers` processes: decoded (writer.verify=1: the unreadable are skipped) or its header
+    only (verify=0: sizes for the page). Returns (indices to keep, [(path, reason)] skipped, largest (h, w))."""
     from tqdm import tqdm
-    jobs = [(p, max_resolution, max_pixels) for p in source.paths]
+    jobs = [(p, max_resolution, max_pixels, decode) for p in source.paths]
     chunk = max(1, min(256, len(jobs) // (workers * 8) or 1))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        reasons = list(tqdm(pool.imap(_check_file, jobs, chunksize=chunk), total=len(jobs), desc="verify",
-                            unit="img", file=sys.stderr, disable=None))
-    keep = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
-    skipped = [(source.paths[i], r) for i, r in enumerate(reasons) if r is not None]
-    return keep, skipped
+    with multiprocessing.get_context("fork").Pool(workers, _die_with_parent, (os.getpid(),)) as pool:
+        checked = list(tqdm(pool.imap(_check_file, jobs, chunksize=chunk), total=len(jobs),
+                            desc="verify" if decode else "sizes", unit="img", file=sys.stderr, disable=None))
+    keep = np.array([i for i, (r, _, _) in enumerate(checked) if r is None or not decode], dtype=np.int64)
+    skipped = [(source.paths[i], r) for i, (r, _, _) in enumerate(checked) if r is not None and decode]
+    biggest = max(((h, w) for r, h, w in checked if r is None), key=lambda hw: hw[0] * hw[1], default=(1, 1))
+    return keep, skipped, biggest
 
 
 def main(argv=None):
@@ -499,8 +671,14 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, overrides)
         write_split(cfg, args.split)
+    except _Signalled as e:
+        print(f"write_ffcv.py: stopped by {e}; the temporary beton was removed", file=sys.stderr)
+        return 128 + e.signum
     except (ConfigError, SourceError, FileExistsError, RuntimeError) as e:
         print(f"write_ffcv.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a read-only output folder
+        print(f"write_ffcv.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
     return 0
 

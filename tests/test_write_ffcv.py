@@ -339,3 +339,207 @@ def test_source_error_for_inverted_synthetic_sizes(tmp_path):
     cfg = make_cfg(tmp_path, data__source="synthetic", data__synthetic_min_size=50, data__synthetic_max_size=10)
     with pytest.raises(SourceError, match="synthetic_min_size"):
         write_split(cfg, "train", log=quiet)
+
+
+# ------------------------------------------------------------------------- nothing lost: every readable image written
+
+def _tree(tmp_path, files):
+    """ROOT/{train,val}/<wnid>/... with `files` {relative path under train: array}; val gets one small image a class."""
+    tree = tmp_path / "in"
+    for rel, array in files.items():
+        save_image(tree / "train" / rel, array)
+    for wnid in {rel.split("/")[0] for rel in files}:
+        save_image(tree / "val" / wnid / "v.png", np.zeros((4, 4, 3), np.uint8))
+    return tree
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("verify", [1, 0])
+def test_a_default_raw_write_takes_an_image_larger_than_one_page(tmp_path, verify):
+    """1300x1300 px raw is 4.8 MiB, over FFCV's default 4 MiB page (once an abort after the whole pass)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (1300, 1300, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    tree = _tree(tmp_path, {"n0/big.png": big, "n0/small.png": small, "n1/small.png": small})
+    cfg = make_cfg(tmp_path, data__source="imagefolder", data__root=tree, writer__verify=verify)
+    lines = []
+    summary = write_split(cfg, "train", log=lines.append)
+    assert summary["written"] == 3 and summary["page_mib"] == 8
+    assert any("page size 8 MiB" in line and "1300x1300" in line for line in lines)
+    images, labels = read_beton(summary["path"])
+    np.testing.assert_array_equal(images[0], big)
+    assert labels == [0, 0, 1]
+    loader = Loader(summary["path"], batch_size=3, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0), ToTensor()],
+                               "label": [IntDecoder(), ToTensor()]})
+    batches = list(loader)  # the trainer's reader takes the larger page
+    assert batches[0][0].shape == (3, 16, 16, 3)
+
+
+def test_the_verification_pass_skips_what_no_page_can_hold(tmp_path, monkeypatch):
+    monkeypatch.setattr(write_ffcv, "MAX_PAGE_BYTES", 2 << 20)  # 2 MiB pages at most: 900x900 px cannot fit
+    tree = _tree(tmp_path, {"n0/big.png": np.zeros((900, 900, 3), np.uint8), "n0/ok.png": np.zeros((9, 9, 3),
+                                                                                                    np.uint8)})
+    cfg = make_cfg(tmp_path, data__source="imagefolder", data__root=tree, writer__page_size_mib=2)
+    summary = write_split(cfg, "train", log=quiet)
+    assert (summary["written"], summary["skipped"]) == (1, 1)
+    assert "too large for a beton" in open(summary["path"] + ".skipped.txt").read()
+
+
+def test_a_class_folder_whose_every_file_is_unreadable_is_an_error(tmp_path):
+    tree = _tree(tmp_path, {"n0/a.png": np.zeros((8, 8, 3), np.uint8), "n1/placeholder.png": np.zeros((4, 4, 3),
+                                                                                                       np.uint8)})
+    (tree / "train" / "n1" / "placeholder.png").write_bytes(b"garbage")
+    (tree / "train" / "n1" / "b.jpg").write_bytes(b"")
+    res = _run_cli("--split", "train", "--data.source=imagefolder", f"--data.root={tree}",
+                   f"--data.beton_dir={tmp_path / 'out'}")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "class folder n1 of train has no readable image" in lines[0], res.stderr
+    assert not (tmp_path / "out" / "fmnist_train.beton").exists()
+    listed = (tmp_path / "out" / "fmnist_train.beton.skipped.txt").read_text()
+    assert "placeholder.png" in listed and "b.jpg" in listed
+
+
+def test_dangling_symlinks_and_files_in_nested_folders_are_listed_and_counted(tmp_path):
+    tree = _tree(tmp_path, {"n0/a.png": np.zeros((8, 8, 3), np.uint8),
+                            "n0/extra/deeper/b.png": np.zeros((8, 8, 3), np.uint8),
+                            "n0/extra/c.png": np.zeros((8, 8, 3), np.uint8)})
+    os.symlink(tmp_path / "nowhere.jpg", tree / "train" / "n0" / "gone.jpg")
+    lines = []
+    summary = write_split(make_cfg(tmp_path, data__source="imagefolder", data__root=tree), "train",
+                          log=lines.append)
+    assert (summary["written"], summary["skipped"], summary["not_read"]) == (1, 0, 3)
+    assert "did not read 3" in lines[0]
+    listed = dict(line.split("\t") for line in open(summary["path"] + ".skipped.txt").read().splitlines())
+    assert {os.path.basename(p) for p in listed} == {"gone.jpg", "b.png", "c.png"}
+    assert "dangling symlink" in listed[str(tree / "train" / "n0" / "gone.jpg")]
+    assert "nested sub-folder" in listed[str(tree / "train" / "n0" / "extra" / "deeper" / "b.png")]
+
+
+def test_32_bit_integer_tiffs_and_gifs_are_converted(tmp_path):
+    ramp = np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * (2 ** 31 // 4096)   # 0 .. 2^31: black to white
+    tree = tmp_path / "in"
+    os.makedirs(tree / "train" / "n0")
+    Image.fromarray(ramp.astype(np.int32), mode="I").save(tree / "train" / "n0" / "a32.tif")
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(rgb).quantize(256, dither=Image.Dither.NONE).save(tree / "train" / "n0" / "b.gif")
+    save_image(tree / "val" / "n0" / "v.png", np.zeros((4, 4, 3), np.uint8))
+    summary = write_split(make_cfg(tmp_path, data__source="imagefolder", data__root=tree), "train", log=quiet)
+    assert summary["written"] == 2
+    images, _ = read_beton(summary["path"])
+    expected = (ramp >> 23).clip(0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(images[0], np.stack([expected] * 3, axis=2))
+    assert images[0].min() == 0 and images[0].max() == 255  # a ramp, not all white
+    np.testing.assert_array_equal(images[1], np.asarray(Image.open(tree / "train" / "n0" / "b.gif").convert("RGB")))
+
+
+# ------------------------------------------------------------------------------ nothing lost: killed and full writes
+
+def _processes_mentioning(text):
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if text.encode() in fh.read():
+                    with open(f"/proc/{pid}/stat") as st:
+                        if st.read().split(") ", 1)[1].split()[0] != "Z":  # zombies hold nothing
+                            pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def _start_long_write(out_dir, workers=2):
+    proc = subprocess.Popen([PY, os.path.join(REPO, "write_ffcv.py"), "--split", "train", "--data.source=synthetic",
+                             "--data.synthetic_images=400000", "--data.synthetic_min_size=64",
+                             "--data.synthetic_max_size=96", f"--data.beton_dir={out_dir}", "--writer.overwrite=1",
+                             f"--writer.workers={workers}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(".tmp-" in f and os.path.getsize(out_dir / f) > 1 << 20
+                                             for f in os.listdir(out_dir)):
+        assert proc.poll() is None, f"writer ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.05)
+    assert proc.poll() is None, "no temporary beton appeared in time"
+    return proc
+
+
+def _shm_segments():
+    return set(f for f in os.listdir("/dev/shm") if f.startswith("psm_")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_a_write_leaves_no_process_and_the_next_write_removes_its_temporary(tmp_path):
+    out_dir = tmp_path / "out"
+    os.makedirs(out_dir)
+    shm_before = _shm_segments()
+    proc = _start_long_write(out_dir)
+    assert len(_processes_mentioning(str(out_dir))) >= 3  # the parent and its two writer processes
+    os.kill(proc.pid, signal.SIGKILL)  # the parent only, as a cluster's OOM killer or scheduler would
+    proc.wait()
+    time.sleep(5)
+    assert _processes_mentioning(str(out_dir)) == []
+    stale = [f for f in os.listdir(out_dir) if ".tmp-" in f]
+    assert len(stale) == 1
+    assert _shm_segments() <= shm_before  # no /dev/shm segment left behind
+    res = _run_cli("--split", "train", "--data.source=synthetic", "--data.synthetic_images=8",
+                   f"--data.beton_dir={out_dir}")
+    assert res.returncode == 0, res.stderr
+    assert f"removed {out_dir / stale[0]}" in res.stdout
+    assert sorted(os.listdir(out_dir)) == ["fmnist_train.beton"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_stops_a_write_cleanly(tmp_path, sig):
+    out_dir = tmp_path / "out"
+    os.makedirs(out_dir)
+    proc = _start_long_write(out_dir)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("write_ffcv.py:")]
+    assert lines == [f"write_ffcv.py: stopped by {signal.Signals(sig).name}; the temporary beton was removed"], err
+    assert "Traceback" not in err
+    assert os.listdir(out_dir) == []
+    time.sleep(1)
+    assert _processes_mentioning(str(out_dir)) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only); skipped with the reason where the machine does not allow mounting."""
+    mnt = tmp_path / "disk"
+    os.makedirs(mnt)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip() or res.returncode}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_full_disk_is_one_line_and_exit_2(small_disk, when):
+    if when == "before":  # fill the disk completely first
+        with open(small_disk / "filler", "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+    res = _run_cli("--split", "train", "--data.source=synthetic", "--data.synthetic_images=3000",
+                   "--data.synthetic_min_size=40", "--data.synthetic_max_size=48", f"--data.beton_dir={small_disk}",
+                   timeout=240)  # ~16 MiB of raw pixels into 3 MiB
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("write_ffcv.py: error: no space left on device"), res.stderr
+    assert str(small_disk) in lines[0]
+    assert [f for f in os.listdir(small_disk) if f != "filler"] == []
