@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -283,6 +284,9 @@ def test_after_a_resume_logs_hold_each_step_once_and_params_record_the_resume(be
             raise Crash()
     with pytest.raises(Crash):
         train(tiny_cfg(betons, tmp_path, "--training.run_name=r"), on_step=crash_at_7, log=quiet)
+    # TensorBoard reads event files in name order, which starts with the second a file was opened (then pid and a
+    # per-process counter that sorts as text): a real resume is a later process, so open its file a second later
+    time.sleep(1.1)
     train(tiny_cfg(betons, tmp_path, "--training.run_name=r", "--training.resume=1", "--eval.k=5"), log=quiet)
     run = tmp_path / "r"
     steps = [json.loads(line)["step"] for line in open(run / "log.jsonl") if '"loss"' in line]
