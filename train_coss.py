@@ -329,13 +329,14 @@ def backward_with_relative_clip(main, extra, params, clip):
 def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, world, nan_context, check_finite=True):
     """One step on augmented views (view_maker): method loss -> backward -> optimiser; LoGo's affinity step; the
     online probe on detached features; the EMA target. nets = (model (maybe DDP/compiled), online, target, probe,
-    affinity); optimizers = (opt, probe_opt, aff_opt). Returns (logged terms, probe logits)."""
+    affinity); optimizers = (opt, probe_opt, aff_opt); nan_context ends the NaN message (text, or a function that
+    makes it only when needed). Returns (logged terms, probe logits)."""
     model, online, target, probe, affinity = nets
     opt, probe_opt, aff_opt = optimizers
     with amp:
         loss, affinity_loss, terms, features = method_loss(cfg, model, target, views, local_views, affinity)
     if check_finite and not torch.isfinite(loss):  # sync
-        raise TrainingError(f"loss is {float(loss.detach())} {nan_context}")
+        raise TrainingError(f"loss is {float(loss.detach())} {nan_context() if callable(nan_context) else nan_context}")
     opt.zero_grad(set_to_none=True)
     if affinity_loss is not None and cfg["method.logo_clip"]:
         backward_with_relative_clip(loss, terms["local_local"], [p for p in online.parameters() if p.requires_grad],
@@ -624,7 +625,8 @@ def train(cfg, on_step=None, log=print):
                 terms, probe_logits = train_step(
                     cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views, local_views,
                     labels, amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
-                    f"at step {step + 1} (epoch {epoch}); not applied: {kept_checkpoint(ckpt_path)}", check_every == 1)
+                    lambda: f"at step {step + 1} (epoch {epoch}); not applied: {kept_checkpoint(ckpt_path)}",
+                    check_every == 1)
                 step += 1
                 if check_every > 1:  # a running flag on the device; the host looks at it every check_every steps
                     nonfinite = nonfinite | ~torch.isfinite(terms["loss"].detach())
