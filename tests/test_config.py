@@ -38,6 +38,18 @@ def test_base_file_is_read_first_and_overridden(tmp_path):
         load_config(str(tmp_path / "d.yaml"))
 
 
+@pytest.mark.parametrize("name", ["in100_r50", "in100_byol", "in100_simclr", "in100_co_simclr", "in100_logo"])
+def test_imagenet100_variants_hold_only_what_they_change(name):
+    """Each variant is `base: in100.yaml` plus its own keys; resolved, it differs from in100.yaml in those alone."""
+    path = os.path.join(REPO, "configs", f"{name}.yaml")
+    tree = yaml.safe_load(open(path))
+    assert tree.pop("base") == "in100.yaml"
+    own = {(section, key) for section, keys in tree.items() for key in keys}
+    variant, main = as_dict(load_config(path)), as_dict(load_config(os.path.join(REPO, "configs", "in100.yaml")))
+    differ = {(s, k) for s in main for k in main[s] if main[s][k] != variant[s][k]}
+    assert differ and differ <= own
+
+
 def test_embedded_default_config_equals_builtin_defaults():
     assert as_dict(load_config(os.path.join(REPO, "configs", "fmnist.yaml"))) == as_dict(load_config(None))
 
