@@ -19,7 +19,7 @@ from ffcv.libffcv import memcpy
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
-from kernels.crop import Crops, Ragged, crop_views, sample_views
+from kernels.crop import Crops, Ragged, crop_views, random_resized_crops
 
 HEADER = 16  # bytes: int32 byte count, height, width, mode
 
@@ -91,6 +91,18 @@ def upload(batch, device):
             h[i], w[i] = d.shape[1], d.shape[2]
             strides[0][i], strides[1][i], strides[2][i] = d.shape[1] * d.shape[2], d.shape[2], 1   # CHW
     return Ragged(flat, *(t.to(device, non_blocking=True) for t in (offset, h, w, *strides)))
+
+
+def sample_views(heights, widths, augments, size, scale, ratio=(3 / 4, 4 / 3), generator=None, flip_prob=0.5):
+    """Parameters of V = len(augments) views of each of B images, view-major (view v of image b is n = v B + b):
+    Crops (random_resized_crops) and the colour dict of each view's ViewAugment.sample, concatenated."""
+    B, V = heights.shape[0], len(augments)
+    crops = random_resized_crops(heights.repeat(V), widths.repeat(V), scale, ratio, generator, flip_prob)
+    crops = crops._replace(src=torch.arange(B, device=heights.device).repeat(V))
+    params = [aug.sample(B, size, generator, heights.device) for aug in augments]
+    color = {k: torch.cat([p[k] for p in params]) for k in params[0] if k != "kernel_size"}
+    color["kernel_size"] = params[0]["kernel_size"]
+    return crops, color
 
 
 class GPUViews:

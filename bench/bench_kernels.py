@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from augment import apply_color_ops, byol_view_augments, normalize  # noqa: E402
-from kernels.crop import crop_views, ragged_from_list, sample_views  # noqa: E402
+from gpu_views import sample_views  # noqa: E402
+from kernels.crop import crop_views, ragged_from_list  # noqa: E402
 from kernels.local_global_cosine import local_global_cosine, local_global_cosine_ref  # noqa: E402
 from kernels.local_info_nce import local_info_nce  # noqa: E402
 from losses import local_global_info_nce  # noqa: E402

@@ -3,7 +3,7 @@
 Input: the batch's decoded images in one flat uint8 buffer (`Ragged`: per image an offset, height, width and the
 strides of channel, row and column, so HWC raw pixels and nvJPEG's CHW output can sit in one buffer) and, per view
 n (N = V x B views, view-major), the source image, a crop box, a flip flag and BYOL's colour parameters
-(augment.ViewAugment.sample). Output: normalised float [N, 3, S, S] in channels-last memory (bf16 or fp32).
+(e.g. augment.ViewAugment.sample, drawn by gpu_views.sample_views). Output: normalised float [N, 3, S, S] in channels-last memory (bf16 or fp32).
 
 Per view, in this order (the same as the CPU path in augment.py; each step as torchvision.transforms.v2.functional
 on a float image, which `crop_views_ref` applies per sample):
@@ -32,11 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
-from augment import GRAY_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD
 import kernels
 from kernels import use_triton
 
 BLOCK = 1024  # pixels per program
+# The CPU path's constants (augment.py), restated so that this file imports nothing of the project (a test checks
+# they agree): ImageNet normalisation and ITU-R 601-2 luma, which the kernels hard-code (_gray).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 class Ragged(NamedTuple):
@@ -121,18 +125,6 @@ def random_resized_crops(heights, widths, scale, ratio, generator=None, flip_pro
     top = torch.where(any_ok, torch.floor(r[:, 0] * (h_img - h_c + 1)), torch.floor((h_img - h_c) / 2))
     left = torch.where(any_ok, torch.floor(r[:, 1] * (w_img - w_c + 1)), torch.floor((w_img - w_c) / 2))
     return Crops(torch.arange(N, device=dev), top.long(), left.long(), h_c.long(), w_c.long(), r[:, 2] < flip_prob)
-
-
-def sample_views(heights, widths, augments, size, scale, ratio=(3 / 4, 4 / 3), generator=None, flip_prob=0.5):
-    """Parameters of V = len(augments) views of each of B images, view-major (view v of image b is n = v B + b):
-    Crops (random_resized_crops) and the colour dict of each view's ViewAugment.sample, concatenated."""
-    B, V = heights.shape[0], len(augments)
-    crops = random_resized_crops(heights.repeat(V), widths.repeat(V), scale, ratio, generator, flip_prob)
-    crops = crops._replace(src=torch.arange(B, device=heights.device).repeat(V))
-    params = [aug.sample(B, size, generator, heights.device) for aug in augments]
-    color = {k: torch.cat([p[k] for p in params]) for k in params[0] if k != "kernel_size"}
-    color["kernel_size"] = params[0]["kernel_size"]
-    return crops, color
 
 
 # ---------------------------------------------------------------------------------------------------------------

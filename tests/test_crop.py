@@ -6,7 +6,8 @@ import torch
 
 from augment import ViewAugment
 from conftest import CUDA, needs_cuda
-from kernels.crop import Crops, crop_views, crop_views_ref, random_resized_crops, ragged_from_list, sample_views
+from gpu_views import sample_views
+from kernels.crop import Crops, crop_views, crop_views_ref, random_resized_crops, ragged_from_list
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -123,3 +124,11 @@ def test_bad_inputs_raise():
         ragged_from_list([torch.zeros(4, 4, 3)], "hwc")
     with pytest.raises(ValueError, match="layout"):
         ragged_from_list([torch.zeros(4, 4, 3, dtype=torch.uint8)], "nhwc")
+
+
+def test_the_kernel_constants_are_the_cpu_paths():
+    """kernels/crop.py restates augment.py's normalisation and luma weights (it imports nothing of the project)."""
+    import augment
+    import kernels.crop as crop
+    assert (crop.IMAGENET_MEAN, crop.IMAGENET_STD, crop.GRAY_WEIGHTS) == (augment.IMAGENET_MEAN, augment.IMAGENET_STD,
+                                                                          augment.GRAY_WEIGHTS)
