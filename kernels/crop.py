@@ -3,7 +3,8 @@
 Input: the batch's decoded images in one flat uint8 buffer (`Ragged`: per image an offset, height, width and the
 strides of channel, row and column, so HWC raw pixels and nvJPEG's CHW output can sit in one buffer) and, per view
 n (N = V x B views, view-major), the source image, a crop box, a flip flag and BYOL's colour parameters
-(e.g. augment.ViewAugment.sample, drawn by gpu_views.sample_views). Output: normalised float [N, 3, S, S] in channels-last memory (bf16 or fp32).
+(augment.ViewAugment.sample's, drawn by gpu_views.sample_views). Output: normalised float [N, 3, S, S] in
+channels-last memory (bf16 or fp32).
 
 Per view, in this order (the same as the CPU path in augment.py; each step as torchvision.transforms.v2.functional
 on a float image, which `crop_views_ref` applies per sample):
