@@ -601,6 +601,11 @@ def train(cfg, on_step=None, log=print):
                 "aff_opt": aff_opt.state_dict() if aff_opt is not None else None,
                 "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": as_dict(cfg), "results": results}
 
+    def report(epoch, metrics):
+        results[f"epoch{epoch}"] = metrics
+        _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
+        log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
     try:  # a crash still leaves what was logged on disk
         # Steps are counted from 1 in logs and messages: "step k" is the k-th update (log rows carry the same k).
         for epoch in range(start_epoch, epochs):
@@ -652,27 +657,21 @@ def train(cfg, on_step=None, log=print):
             bar.close()
             # the weights first (only if finite), then the evaluation: a failing evaluation never costs the epoch
             last = epoch == epochs - 1
-            saved = is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last)
-            if saved:
+            if is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last):
                 save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
             elif is_main and nonfinite_tensors(state(epoch)):  # caught now rather than at the next checkpoint
                 raise TrainingError(f"NaN/inf in the state after epoch {epoch} (step {step}); "
                                     f"{kept_checkpoint(ckpt_path)}")
-            if last and is_main:
-                export_backbone(online, os.path.join(run_dir, "backbone.pt"))
-            if is_main and (cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0 or last):
-                metrics = _evaluate(cfg, online, probe, device, num_classes, last, train_path, val_path, ckpt_path)
-                results[f"epoch{epoch}"] = metrics
-                _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
-                log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                if saved:  # the same weights, now with this evaluation's results
-                    save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
-        if is_main and start_epoch >= epochs and f"epoch{epochs - 1}" not in results:
-            # resumed after the last epoch's checkpoint (the final evaluation had not finished): finish it now
+            if is_main and not last and cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0:
+                report(epoch, _evaluate(cfg, online, probe, device, num_classes, False, train_path, val_path,
+                                        ckpt_path))  # its results reach the next checkpoint
+        if is_main and f"epoch{epochs - 1}" not in results:
+            # the final evaluation, once the last checkpoint is on disk (also when a resume finds the run trained but
+            # not evaluated); then the same weights are saved again with its results
             export_backbone(online, os.path.join(run_dir, "backbone.pt"))
-            results[f"epoch{epochs - 1}"] = _evaluate(cfg, online, probe, device, num_classes, True, train_path,
-                                                      val_path, ckpt_path)
-            save_checkpoint(ckpt_path, state(epochs - 1), "after the final evaluation")
+            report(epochs - 1, _evaluate(cfg, online, probe, device, num_classes, True, train_path, val_path,
+                                         ckpt_path))
+            save_checkpoint(ckpt_path, state(epochs - 1), "with the final evaluation")
     finally:
         if logfile:
             logfile.close()

@@ -23,6 +23,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from ctypes import c_uint64
 
@@ -44,14 +45,20 @@ class SourceError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Image loading: any file PIL opens -> HxWx3 uint8 RGB, longest side <= max_resolution.
 
+def resized_shape(h, w, max_resolution):
+    """(h, w) after shrinking (never enlarging) so that the longest side is <= max_resolution; 0 means no limit."""
+    if max_resolution <= 0 or max(h, w) <= max_resolution:
+        return h, w
+    scale = max_resolution / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def resize_max_side(img, max_resolution):
     """Shrinks (never enlarges) so that the longest side is <= max_resolution; 0 means no limit."""
-    h, w = img.shape[:2]
-    if max_resolution <= 0 or max(h, w) <= max_resolution:
+    h, w = resized_shape(*img.shape[:2], max_resolution)
+    if (h, w) == img.shape[:2]:
         return img
-    scale = max_resolution / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def load_image(path, max_resolution=0, max_pixels=178_956_970):
@@ -100,10 +107,7 @@ def _check_file(args):
             h, w = load_image(path, max_resolution, max_pixels).shape[:2]
         else:
             with Image.open(path) as im:
-                w, h = im.size
-            if max_resolution > 0 and max(h, w) > max_resolution:
-                scale = max_resolution / max(h, w)
-                h, w = max(1, round(h * scale)), max(1, round(w * scale))
+                h, w = resized_shape(im.size[1], im.size[0], max_resolution)
         if h * w * 3 > MAX_PAGE_BYTES:
             raise ValueError(f"too large for a beton: {w}x{h} px is {h * w * 3 >> 20} MiB of raw pixels, more than "
                              f"FFCV's largest page ({MAX_PAGE_BYTES >> 20} MiB); set writer.max_resolution")
@@ -381,9 +385,7 @@ def read_beton_info(cfg, split):
     if not {"image", "label"} <= set(reader.field_names):
         raise bad(f"fields {reader.field_names}, expected image and label")
     n = int(reader.num_samples)
-    table_ptr = int(reader.header["alloc_table_ptr"])
-    table_bytes = size - table_ptr
-    if n == 0 or len(reader.metadata) != n or table_bytes <= 0 or table_bytes % ALLOC_TABLE_TYPE.itemsize:
+    if n == 0 or len(reader.metadata) != n or (size - int(header["alloc_table_ptr"])) % ALLOC_TABLE_TYPE.itemsize:
         raise bad("truncated: header, metadata and allocation table do not fit the file's "
                   f"{size} bytes")
     table = reader.alloc_table
@@ -527,6 +529,11 @@ def _fields(cfg):
             "label": IntField()}
 
 
+def _write_listing(sidecar, listed):
+    """<beton>.skipped.txt: one 'path<TAB>reason' line per file that is not in the beton."""
+    _atomic_write_text(sidecar, "".join(f"{p}\t{why}\n" for p, why in listed))
+
+
 def _atomic_write_text(path, text):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as fh:
@@ -577,7 +584,7 @@ def write_split(cfg, split, log=print):
     t0 = time.perf_counter()
     source = make_source(cfg, split)
     workers = cfg["writer.workers"]
-    keep, skipped, biggest = np.arange(len(source)), [], None
+    keep, skipped = np.arange(len(source)), []
     t_verify = time.perf_counter()
     if source.paths is not None:  # decode every file (verify=1) or read its header (verify=0): the page size
         keep, skipped, biggest = _scan(source, workers, cfg["writer.max_resolution"], cfg["writer.max_pixels"],
@@ -594,11 +601,11 @@ def write_split(cfg, split, log=print):
         empty = sorted(set(range(len(source.classes))) - set(source.labels[keep].tolist()))
         if empty:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            _atomic_write_text(sidecar, "".join(f"{p}\t{why}\n" for p, why in listed))
+            _write_listing(sidecar, listed)
+            more = f", and {len(empty) - 1} more such classes" if len(empty) > 1 else ""
             raise SourceError(f"class folder {source.classes[empty[0]]} of {split} has no readable image (all its "
-                              f"files were skipped{f', and {len(empty) - 1} more such classes' if len(empty) > 1 else ''}"
-                              f"); a beton without it would have fewer classes than the other split; reasons in "
-                              f"{sidecar}")
+                              f"files were skipped{more}); a beton without it would have fewer classes than the "
+                              f"other split; reasons in {sidecar}")
     if cfg["writer.shuffle"]:
         keep = np.random.default_rng(cfg["writer.seed"]).permutation(keep)
     page = page_bytes(cfg, biggest)
@@ -609,14 +616,13 @@ def write_split(cfg, split, log=print):
     writer_class = _make_writer_class()
     handlers = {}
     try:
-        import threading
         if threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, _raise_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         writer = writer_class(tmp, _fields(cfg), page_size=page, num_workers=workers)
         writer.from_indexed_dataset(_Samples(source, keep, cfg["writer.seed"]), chunksize=cfg["writer.chunk_size"])
         os.replace(tmp, out)  # atomic: the final path holds either nothing (or the old beton) or a complete one
         if listed:
-            _atomic_write_text(sidecar, "".join(f"{p}\t{why}\n" for p, why in listed))
+            _write_listing(sidecar, listed)
         elif os.path.exists(sidecar):
             os.remove(sidecar)  # stale list from an earlier write of this path
     except OSError as e:
