@@ -182,7 +182,9 @@ def apply_color_ops(x, params):
     x = adjust_hue(x, params["hue"])
     x = torch.where(_per_sample(params["gray"]), grayscale(x).expand_as(x), x)
     blur = params["blur"]
-    if bool(blur.any()):  # sync: skip the convolutions when no sample in the batch is blurred
+    # on the CPU, skip the convolutions when no sample in the batch is blurred; on a GPU always blur (reading the
+    # flags would make the host wait for the device at every step)
+    if blur.is_cuda or bool(blur.any()):
         size = params["kernel_size"]
         if size // 2 < min(x.shape[-2:]):
             x = torch.where(_per_sample(blur), gaussian_blur(x, params["sigma"], size), x)

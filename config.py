@@ -275,7 +275,15 @@ def _declare(cfg):
     Section("training", "Run control", config_descriptor=cfg).params(
         seed=Param(StrictInt(0), "", default=0),
         device=Param(Choice("auto", "cpu", "cuda"), "", default="auto"),
-        compile=Param(StrictBool(), "torch.compile the online network", default=False),
+        compile=Param(StrictBool(), "torch.compile the forward and the loss as one graph: online and target networks, "
+                      "the method's losses, and their backward", default=False),
+        compile_mode=Param(Choice("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                           "torch.compile mode (reduce-overhead: CUDA graphs, for small models whose step is launch-"
+                           "bound)", default="default"),
+        fuse_views=Param(StrictBool(), "both views through one forward per network (a batch of 2B; BatchNorm then "
+                         "normalises over both views together); 0 = one forward per view", default=False),
+        prefetch=Param(StrictBool(), "make the next step's views while the current step runs (a thread; on CUDA a "
+                       "side stream)", default=False),
         bf16=Param(StrictBool(), "bf16 autocast (CUDA only)", default=True),
         channels_last=Param(StrictBool(), "channels-last memory for nets and views (also faster on the CPU: "
                             "README, 'CPU paths')", default=True),
@@ -284,8 +292,9 @@ def _declare(cfg):
         checkpoint_every=Param(StrictInt(1), "epochs between checkpoints (and the last one)", default=1),
         resume=Param(StrictBool(), "continue from <run>/checkpoint.pt if present", default=False),
         log_every=Param(StrictInt(1), "steps between log lines", default=20),
-        nan_check_every=Param(StrictInt(1), "steps between NaN/inf checks of the loss (each a host sync; 1 = before "
-                              "every update; >1 checks a running flag, and always before a checkpoint)", default=1),
+        nan_check_every=Param(StrictInt(0), "steps between looks at the NaN/inf flag of the loss (each a host sync; "
+                              "1 = before every update; 0 = with the log rows, every log_every steps; always at an "
+                              "epoch's end, before its checkpoint)", default=0),
         train_images=Param(StrictInt(0), "use only the first N train images (0 = all)", default=0),
         threads=Param(StrictInt(0), "torch CPU threads (0 = leave)", default=0),
         kernels=Param(Choice("auto", "triton", "ref"), "fused Triton ops (kernels/): auto = on CUDA, the PyTorch "

@@ -17,22 +17,14 @@ Under DDP, pass the all-gathered embeddings (gathered *with* gradient) as `*_all
 import torch
 import torch.nn.functional as F
 
+from kernels.local_info_nce import all_or_local, check_local, local_info_nce
+
 
 def _check(name, t, ndim, dim=None):
     if not isinstance(t, torch.Tensor) or t.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(getattr(t, 'shape', ()))}")
     if dim is not None and t.shape[-1] != dim:
         raise ValueError(f"{name} has embedding dim {t.shape[-1]}, expected {dim}")
-
-
-def _check_local(fn, P1, P2, z1, z2):
-    """Local terms take P1, P2 [B, L, D] and global z1, z2 [B, D] of the same B and D."""
-    _check("P1", P1, 3)
-    _check("P2", P2, 3, P1.shape[-1])
-    _check("z1", z1, 2, P1.shape[-1])
-    _check("z2", z2, 2, P1.shape[-1])
-    if P1.shape != P2.shape or z1.shape != z2.shape or P1.shape[0] != z1.shape[0]:
-        raise ValueError(f"{fn} shapes: P {tuple(P1.shape)}/{tuple(P2.shape)}, z {tuple(z1.shape)}/{tuple(z2.shape)}")
 
 
 def cosine_distance(p, z):
@@ -54,7 +46,7 @@ def local_global_regression(P1, P2, z1, z2, backend="auto"):
     """CO-BYOL local term. P*: local predictions [B, L, D] of views 1/2; z*: global target projections [B, D].
     backend: kernels/local_global_cosine.py's switch (auto: the fused Triton op on CUDA, the reference elsewhere)."""
     from kernels.local_global_cosine import local_global_cosine
-    _check_local("local_global_regression", P1, P2, z1, z2)
+    check_local("local_global_regression", P1, P2, z1, z2)
     return local_global_cosine(P1, z2, backend=backend) + local_global_cosine(P2, z1, backend=backend)
 
 
@@ -69,19 +61,6 @@ def mix(global_loss, local_loss, w_s, form="convex"):
     raise ValueError(f"unknown mixing form {form!r} (convex or additive)")
 
 
-def _all_or_local(z1, z2, z1_all, z2_all, offset):
-    if (z1_all is None) != (z2_all is None):
-        raise ValueError("give both z1_all and z2_all, or neither")
-    if z1_all is None:
-        return z1, z2, 0
-    _check("z1_all", z1_all, 2, z1.shape[-1])
-    _check("z2_all", z2_all, 2, z1.shape[-1])
-    if z1_all.shape != z2_all.shape or not 0 <= offset <= z1_all.shape[0] - z1.shape[0]:
-        raise ValueError(f"gathered shapes {tuple(z1_all.shape)}/{tuple(z2_all.shape)} do not hold this rank's "
-                         f"{z1.shape[0]} rows at offset {offset}")
-    return z1_all, z2_all, offset
-
-
 def nt_xent(z1, z2, temperature, z1_all=None, z2_all=None, offset=0):
     """SimCLR's NT-Xent. z*: this rank's embeddings [B, D]; z*_all: every rank's [N, D] (gathered with gradient),
     this rank's rows starting at `offset`. Mean over this rank's 2B anchors."""
@@ -89,7 +68,7 @@ def nt_xent(z1, z2, temperature, z1_all=None, z2_all=None, offset=0):
     _check("z2", z2, 2, z1.shape[-1])
     if z1.shape != z2.shape:
         raise ValueError(f"nt_xent: z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)} differ")
-    c1, c2, offset = _all_or_local(z1, z2, z1_all, z2_all, offset)
+    c1, c2, offset = all_or_local(z1, z2, z1_all, z2_all, offset)
     B, N = z1.shape[0], c1.shape[0]
     anchors = F.normalize(torch.cat([z1, z2]), dim=1)                     # [2B, D]
     candidates = F.normalize(torch.cat([c1, c2]), dim=1)                  # [2N, D]
@@ -101,22 +80,11 @@ def nt_xent(z1, z2, temperature, z1_all=None, z2_all=None, offset=0):
     return F.cross_entropy(logits, pos_idx)
 
 
-def local_global_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None, offset=0):
+def local_global_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None, offset=0, backend="auto"):
     """CO-SimCLR local term. P*: local embeddings [B, L, D] of views 1/2 (anchors); z*: this rank's global
-    embeddings [B, D]; z*_all: all ranks' [N, D]. Mean over the 2·B·L anchors."""
-    _check_local("local_global_info_nce", P1, P2, z1, z2)
-    c1, c2, offset = _all_or_local(z1, z2, z1_all, z2_all, offset)
-    B, L, N = P1.shape[0], P1.shape[1], c1.shape[0]
-    candidates = F.normalize(torch.cat([c1, c2]), dim=1)                  # [2N, D]
-    own = torch.arange(B, device=P1.device) + offset
-    loss = 0.0
-    for P, same_view, other_view in ((P1, own, own + N), (P2, own + N, own)):
-        logits = F.normalize(P, dim=-1) @ candidates.T / temperature      # [B, L, 2N]
-        masked = F.one_hot(same_view, 2 * N).bool()[:, None, :]           # the same view's own global embedding
-        logits = logits.masked_fill(masked, float("-inf"))
-        target = other_view[:, None].expand(B, L)
-        loss = loss + F.cross_entropy(logits.reshape(B * L, 2 * N), target.reshape(-1))
-    return loss / 2
+    embeddings [B, D]; z*_all: all ranks' [N, D]. Mean over the 2·B·L anchors. The reference and the fused op
+    both live in kernels/local_info_nce.py; backend: its switch (auto: Triton on CUDA, the reference elsewhere)."""
+    return local_info_nce(P1, P2, z1, z2, temperature, z1_all, z2_all, offset, backend=backend)
 
 
 def cross_view_info_nce(anchors, targets, temperature):

@@ -11,7 +11,6 @@ Every run folder holds params.json (resolved config), env.json (versions, device
 TensorBoard scalars (tb/) and checkpoint.pt (atomic; the last good one survives a crash or a NaN).
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import platform
 import random
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from tqdm import tqdm
 from augment import ViewAugment
 from config import ConfigError, as_dict, load_config
 from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
-from kernels.local_info_nce import local_info_nce
 from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
                     local_global_regression, logo_affinity_losses, mix, nt_xent)
 from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
@@ -262,50 +261,90 @@ def tau_at(step, total, base):
 # ---------------------------------------------------------------------------------------------------------------
 # The losses of each method (pure functions in losses.py; here: which tensors go where).
 
-@functools.cache
-def _compiled_local_info_nce():
-    return torch.compile(local_global_info_nce, dynamic=False)
+class LossSpec(NamedTuple):
+    """The config values the loss reads, as plain constants (what torch.compile guards on, not the Config)."""
+    name: str
+    w_s: float
+    temperature: float
+    mixing: str
+    kernels: str
+    logo: bool
+    logo_clip: float
+    logo_lambda: float
 
 
-def local_info_nce_term(cfg, *args):
-    """CO-SimCLR's local InfoNCE: the fused Triton op (kernels/local_info_nce.py) on CUDA, 2.3-3.3x faster than
-    eager on an H100; torch.compile's fusion of the reference is faster still (0.16 vs 0.22 ms at B=256, L=49,
-    D=256, BENCHMARKS.md), so that one runs when training.compile=1 on CUDA with training.kernels=auto."""
-    if cfg["training.compile"] and args[0].is_cuda and cfg["training.kernels"] == "auto":
-        return _compiled_local_info_nce()(*args)
-    return local_info_nce(*args, backend=cfg["training.kernels"])
+def loss_spec(cfg):
+    """With training.compile on CUDA and training.kernels=auto the local terms are the PyTorch references inside the
+    compiled graph: inductor fuses them (faster than the Triton op for the local InfoNCE, BENCHMARKS.md), and an
+    autograd.Function around a Triton launch would split the graph."""
+    kernels = cfg["training.kernels"]
+    if cfg["training.compile"] and kernels == "auto":
+        kernels = "ref"
+    return LossSpec(cfg["method.name"], cfg["method.w_s"], cfg["method.temperature"], cfg["method.mixing"], kernels,
+                    cfg["method.logo"], cfg["method.logo_clip"], cfg["method.logo_lambda"])
 
 
-def method_loss(cfg, online, target, views, local_views, affinity):
-    """Returns (loss to minimise, affinity loss or None, dict of logged terms)."""
-    name, w_s, T = cfg["method.name"], cfg["method.w_s"], cfg["method.temperature"]
-    x1, x2 = views
-    o1, o2 = online(x1), online(x2)
+def pack_views(views, fuse):
+    """The views as the networks take them: per view (a tuple of V tensors), or fused (a 1-tuple holding one batch
+    of V·B). Views that already lie back to back in one buffer (the GPU path cuts them so) are joined without a
+    copy. Runs outside the compiled region (it looks at storage addresses)."""
+    if not fuse or len(views) == 1:
+        return tuple(views)
+    first = views[0]
+    B = first.shape[0]
+    stride = first.stride()
+    adjacent = all(v.shape == first.shape and v.stride() == stride and v.dtype == first.dtype and
+                   v.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and
+                   v.storage_offset() == first.storage_offset() + i * B * stride[0] for i, v in enumerate(views))
+    if adjacent and stride[0] == first[0].numel():
+        return (first.as_strided((len(views) * B, *first.shape[1:]), stride, first.storage_offset()),)
+    return (torch.cat(views),)
+
+
+def forward_views(net, packed, n_views, **kwargs):
+    """net over the packed views (pack_views) -> one output per view. A fused batch is one forward whose outputs are
+    split back: BatchNorm then normalises over all views' statistics together (README, 'The step')."""
+    if len(packed) == n_views:
+        return [net(x, **kwargs) for x in packed]
+    out = net(packed[0], **kwargs)
+    if isinstance(out, dict):
+        parts = {k: v.chunk(n_views) for k, v in out.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(n_views)]
+    return list(out.chunk(n_views))
+
+
+def method_loss(spec, online, target, packed, local_packed, affinity):
+    """The method's loss on packed views (pack_views). spec: LossSpec; online: the online network (maybe DDP);
+    target: the EMA network or None. Returns (loss to minimise, affinity loss or None, dict of logged terms,
+    view 1's pooled features)."""
+    name, w_s, T = spec.name, spec.w_s, spec.temperature
+    o1, o2 = forward_views(online, packed, 2)
     terms = {}
     if name in BYOL_FAMILY:
-        t1, t2 = target(x1), target(x2)
+        t1, t2 = forward_views(target, packed, 2)
         loss = terms["global"] = byol_loss(o1["p"], o2["p"], t1, t2)
         if name == "co_byol":
-            terms["local"] = local_global_regression(o1["P"], o2["P"], t1, t2, cfg["training.kernels"])
-            loss = mix(loss, terms["local"], w_s, cfg["method.mixing"])
+            terms["local"] = local_global_regression(o1["P"], o2["P"], t1, t2, spec.kernels)
+            loss = mix(loss, terms["local"], w_s, spec.mixing)
     else:
         z1_all, z2_all = gather_with_grad(o1["z"]), gather_with_grad(o2["z"])
         offset = (dist.get_rank() * o1["z"].shape[0]) if z1_all.shape[0] != o1["z"].shape[0] else 0
         loss = terms["global"] = nt_xent(o1["z"], o2["z"], T, z1_all, z2_all, offset)
         if name == "co_simclr":
-            terms["local"] = local_info_nce_term(cfg, o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset)
-            loss = mix(loss, terms["local"], w_s, cfg["method.mixing"])
+            terms["local"] = local_global_info_nce(o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset,
+                                                   backend=spec.kernels)
+            loss = mix(loss, terms["local"], w_s, spec.mixing)
     affinity_loss = None
-    if local_views is not None:  # LoGo: L_gg (above) + L_lg + lambda L_ll
-        l1, l2 = online(local_views[0], local=False), online(local_views[1], local=False)
+    if local_packed is not None:  # LoGo: L_gg (above) + L_lg + lambda L_ll
+        l1, l2 = forward_views(online, local_packed, 2, local=False)
         if name in BYOL_FAMILY:
             lg = sum(cosine_distance(l["p"], t).mean() for l in (l1, l2) for t in (t1, t2))
         else:
             lg = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2) for g in (o1, o2))
         terms["local_global"] = lg
         terms["local_local"], affinity_loss = logo_affinity_losses(affinity, l1["z"], l2["z"])
-        # with logo_clip, L_ll enters through train_step's clipped gradient instead of lambda
-        loss = loss + lg + (0.0 if cfg["method.logo_clip"] else cfg["method.logo_lambda"] * terms["local_local"])
+        # with logo_clip, L_ll enters through the step's clipped gradient instead of lambda
+        loss = loss + lg + (0.0 if spec.logo_clip else spec.logo_lambda * terms["local_local"])
         terms["affinity"] = affinity_loss
     terms["loss"] = loss
     return loss, affinity_loss, terms, o1["y"]
@@ -326,40 +365,232 @@ def backward_with_relative_clip(main, extra, params, clip):
     return scale
 
 
-def train_step(cfg, nets, optimizers, views, local_views, labels, amp, tau, world, nan_context, check_finite=True):
-    """One step on augmented views (view_maker): method loss -> backward -> optimiser; LoGo's affinity step; the
-    online probe on detached features; the EMA target. nets = (model (maybe DDP/compiled), online, target, probe,
-    affinity); optimizers = (opt, probe_opt, aff_opt); nan_context ends the NaN message (text, or a function that
-    makes it only when needed). Returns (logged terms, probe logits)."""
-    model, online, target, probe, affinity = nets
-    opt, probe_opt, aff_opt = optimizers
-    with amp:
-        loss, affinity_loss, terms, features = method_loss(cfg, model, target, views, local_views, affinity)
-    if check_finite and not torch.isfinite(loss):  # sync
-        raise TrainingError(f"loss is {float(loss.detach())} {nan_context() if callable(nan_context) else nan_context}")
-    opt.zero_grad(set_to_none=True)
-    if affinity_loss is not None and cfg["method.logo_clip"]:
-        backward_with_relative_clip(loss, terms["local_local"], [p for p in online.parameters() if p.requires_grad],
-                                    cfg["method.logo_clip"])
-    else:
-        loss.backward()
-    opt.step()
-    if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
-        aff_opt.zero_grad(set_to_none=True)
-        affinity_loss.backward()
-        if world > 1:  # f_d is small and steps on its own: average its gradients by hand
-            for p in affinity.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        aff_opt.step()
-    probe_logits = probe(features.detach().float())  # online probe: detached features, own optimiser
-    probe_loss = F.cross_entropy(probe_logits, labels)
-    probe_opt.zero_grad(set_to_none=True)
-    probe_loss.backward()
-    probe_opt.step()
-    if target is not None:
-        ema_update(target.tracked(), target.online_part(online), tau)
-    return terms, probe_logits
+# ---------------------------------------------------------------------------------------------------------------
+# The step: one Run holds everything a training step needs; the trainer and every benchmark use it.
+
+class Prepared(NamedTuple):
+    """One step's inputs, made from a loader batch with that step's generator: views, LoGo's local views, labels."""
+    step: int
+    views: tuple
+    local_views: tuple
+    labels: torch.Tensor
+    ready: object = None  # a CUDA event the step waits for (views made on the side stream), or None
+
+
+class Run:
+    """Everything one training step needs, built from the config by build_run: loader, view maker, networks,
+    optimisers, schedules, autocast, the NaN policy. run.step(batch) is one training step; run.batches() yields the
+    epoch's inputs (made one step ahead with training.prefetch); run.state_dict() / load_state_dict() are the
+    checkpoint's own part (the trainer adds epoch, config and results)."""
+
+    def __init__(self, cfg, device, world, loader, decoders, num_train, num_classes):
+        self.cfg, self.device, self.world, self.rank = cfg, device, world, dist.get_rank() if world > 1 else 0
+        self.loader, self.decoders, self.num_train = loader, decoders, num_train
+        self.steps_per_epoch = len(loader) if loader is not None else 1
+        self.total_steps = cfg["optim.epochs"] * self.steps_per_epoch
+        self.warmup_steps = cfg["optim.warmup_epochs"] * self.steps_per_epoch
+        self.res, self.epoch, self.global_step = resolution_at(cfg, 0), 0, 0  # global_step: updates done so far
+        self.make_views = view_maker(cfg, device)
+        self.online, self.target, self.probe, self.affinity = build_model(cfg, num_classes, device)
+        self.peak_lr = cfg["optim.lr"] * cfg["optim.batch_size"] * world / 256
+        self.opt = build_optimizer(cfg, self.online, self.peak_lr)
+        self.probe_opt = torch.optim.SGD(self.probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
+        self.aff_opt = (torch.optim.Adam(self.affinity.parameters(), lr=cfg["method.logo_affinity_lr"])
+                        if self.affinity is not None else None)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16,
+                                  enabled=device.type == "cuda" and cfg["training.bf16"])
+        self.fuse, self.prefetch = cfg["training.fuse_views"], cfg["training.prefetch"]
+        self.spec = loss_spec(cfg)
+        model = self.online
+        if world > 1:
+            # broadcast_buffers=False: each rank keeps its BN running statistics (eval uses rank 0's); broadcasting
+            # them at every forward both costs a collective per view and, on some torch versions, bumps tensors saved
+            # for backward
+            model = nn.parallel.DistributedDataParallel(
+                self.online, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+        self.model = model
+        target, affinity, spec = self.target, self.affinity, self.spec
+
+        def forward_loss(packed, local_packed):
+            return method_loss(spec, model, target, packed, local_packed, affinity)
+        self.forward_loss = forward_loss
+        if cfg["training.compile"]:
+            # the online and target networks and the losses in one graph (backward compiled with it); one graph
+            # per resolution (LoGo, progressive res): dynamic shapes hit an inductor stride assertion in
+            # channels-last conv backward (torch 2.11, H100)
+            mode = None if cfg["training.compile_mode"] == "default" else cfg["training.compile_mode"]
+            self.forward_loss = torch.compile(forward_loss, dynamic=False, mode=mode)
+        # the NaN policy: nan_check_every=1 looks at the loss before every update (a host sync); otherwise a flag on
+        # the device is read every nan_check_every steps (0: with the log rows, no sync of its own) and at epoch end
+        self.check_every = cfg["training.nan_check_every"] or cfg["training.log_every"]
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.checked = 1                            # first step not yet known to be finite
+        self.kept = lambda: ""                      # the trainer says what a stopped run leaves (kept_checkpoint)
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" and self.prefetch else None
+
+    # -- schedules and inputs
+
+    def lr(self, step):
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+    def tau(self, step):
+        return tau_at(step, self.total_steps, self.cfg["optim.tau"])
+
+    def generator(self, step):
+        """The generator of step `step`'s augmentations (0-based): the same views on resume and with prefetch."""
+        return torch.Generator(device=self.device).manual_seed(self.cfg["training.seed"] * 1_000_003 + step)
+
+    def set_epoch(self, epoch):
+        """Progressive resolution and the loader's order for this epoch (RANDOM order of epoch e: seed + e)."""
+        self.epoch = epoch
+        new_res = resolution_at(self.cfg, epoch)
+        if new_res != self.res:
+            self.res = new_res
+            if self.decoders:  # CPU path: the crop decoders resize in the loader's threads
+                self.decoders[0].output_size = (new_res, new_res)
+                self.loader.generate_code()
+        if self.loader is not None:
+            self.loader.next_epoch = epoch
+
+    def prepare(self, batch, step):
+        """A loader batch -> the Prepared inputs of step `step` (views cut and augmented on the run's device)."""
+        if self._side is None:
+            return Prepared(step, *self.make_views(batch, self.res, self.generator(step)))
+        with torch.cuda.stream(self._side):
+            views, local, labels = self.make_views(batch, self.res, self.generator(step))
+            ready = torch.cuda.Event()
+            ready.record(self._side)
+        return Prepared(step, views, local, labels, ready)
+
+    def batches(self, source=None):
+        """The epoch's inputs for run.step: loader batches as they are, or with training.prefetch the Prepared
+        inputs of the next step made while the current one runs (a thread feeds the loader and the view maker; on
+        CUDA it makes the views on a side stream)."""
+        source = self.loader if source is None else source
+        if not self.prefetch:
+            yield from source
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        it, step = iter(source), self.global_step
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+            def make(s):
+                batch = next(it, None)
+                return None if batch is None else self.prepare(batch, s)
+            pending = pool.submit(make, step)
+            while True:  # leaving (the end, or a consumer that stops) waits for the thread's last batch
+                item = pending.result()
+                if item is None:
+                    return
+                step += 1
+                pending = pool.submit(make, step)
+                yield item
+
+    # -- the step
+
+    def step(self, batch):
+        """One training step on a loader batch (or run.batches()' Prepared): views with this step's generator, lr and
+        tau of this step, loss -> backward -> optimiser; LoGo's affinity step; the online probe; the EMA target;
+        the NaN policy. Returns (logged terms, probe logits, labels); nothing in it waits for the device unless
+        nan_check_every=1."""
+        s = self.global_step
+        item = batch if isinstance(batch, Prepared) else self.prepare(batch, s)
+        if item.step != s:
+            raise RuntimeError(f"inputs made for step {item.step + 1} given to step {s + 1}")
+        if item.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(item.ready)
+            for t in (*item.views, *(item.local_views or ()), item.labels):
+                t.record_stream(current)
+        lr = self.lr(s)
+        for group in self.opt.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        terms, probe_logits = self._update(item.views, item.local_views, item.labels, self.tau(s))
+        self.global_step = s + 1
+        return terms, probe_logits, item.labels
+
+    def _update(self, views, local_views, labels, tau):
+        online = self.online
+        packed = pack_views(views, self.fuse)
+        local_packed = pack_views(local_views, self.fuse) if local_views is not None else None
+        with self.amp:
+            loss, affinity_loss, terms, features = self.forward_loss(packed, local_packed)
+        step = self.global_step + 1  # 1-based in messages and logs
+        if self.check_every == 1:
+            if not torch.isfinite(loss):  # sync
+                raise TrainingError(f"loss is {float(loss.detach())} at step {step} (epoch {self.epoch}); not "
+                                    f"applied: {self.kept()}")
+        else:
+            self.nonfinite |= ~torch.isfinite(loss.detach())
+        self.opt.zero_grad(set_to_none=True)
+        if affinity_loss is not None and self.spec.logo_clip:
+            backward_with_relative_clip(loss, terms["local_local"], [p for p in online.parameters() if p.requires_grad],
+                                        self.spec.logo_clip)
+        else:
+            loss.backward()
+        self.opt.step()
+        if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
+            self.aff_opt.zero_grad(set_to_none=True)
+            affinity_loss.backward()
+            if self.world > 1:  # f_d is small and steps on its own: average its gradients by hand
+                for p in self.affinity.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+            self.aff_opt.step()
+        probe_logits = self.probe(features.detach().to(self.probe.weight.dtype))  # online probe: detached, own optimiser
+        probe_loss = F.cross_entropy(probe_logits, labels)
+        self.probe_opt.zero_grad(set_to_none=True)
+        probe_loss.backward()
+        self.probe_opt.step()
+        if self.target is not None:
+            ema_update(self.target.tracked(), self.target.online_part(online), tau)
+        if self.check_every > 1 and (step % self.check_every == 0 or step % self.steps_per_epoch == 0):
+            self.check_finite()
+        return terms, probe_logits
+
+    def check_finite(self):
+        """Reads the device-side NaN flag (a sync): raises if a loss since the last look was NaN/inf."""
+        if self.check_every > 1:
+            if bool(self.nonfinite):
+                raise TrainingError(f"loss is nan/inf at a step between {self.checked} and {self.global_step + 1} "
+                                    f"(epoch {self.epoch}); {self.kept()}")
+            self.checked = self.global_step + 2
+
+    # -- the checkpoint's own part
+
+    def state_dict(self):
+        opt = lambda o: o.state_dict() if o is not None else None  # noqa: E731
+        return {"online": self.online.state_dict(), "target": opt(self.target), "probe": self.probe.state_dict(),
+                "opt": self.opt.state_dict(), "probe_opt": self.probe_opt.state_dict(),
+                "affinity": opt(self.affinity), "aff_opt": opt(self.aff_opt), "step": self.global_step,
+                "rng": rng_state()}
+
+    def load_state_dict(self, ck):
+        self.online.load_state_dict(ck["online"])
+        self.probe.load_state_dict(ck["probe"])
+        self.opt.load_state_dict(ck["opt"])
+        self.probe_opt.load_state_dict(ck["probe_opt"])
+        if self.target is not None:
+            self.target.load_state_dict(ck["target"])
+        if self.affinity is not None:
+            self.affinity.load_state_dict(ck["affinity"])
+            self.aff_opt.load_state_dict(ck["aff_opt"])
+        self.global_step = self.checked = ck["step"]
+        self.checked += 1
+        set_rng_state(ck["rng"])
+
+
+def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes=None):
+    """The Run of a config: with train_path, its loader over the first num_train images (None: all) and the beton's
+    classes; without, no loader (run.step takes batches in the loader's format: CPU path (uint8 [B, 2, res, res, 3]
+    views, labels), GPU path (ImageBytesDecoder rows, labels)) and num_classes for the probe."""
+    loader, decoders = None, []
+    if train_path is not None:
+        if num_train is None or num_classes is None:
+            total, classes = num_images_and_classes(train_path)
+            num_train = total if num_train is None else num_train
+            num_classes = classes if num_classes is None else num_classes
+        loader, decoders = train_loader(cfg, train_path, np.arange(num_train), world, resolution_at(cfg, 0))
+    return Run(cfg, device, world, loader, decoders, num_train, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -511,8 +742,8 @@ def _evaluate(cfg, online, probe, device, num_classes, final, train_path, val_pa
 
 
 def train(cfg, on_step=None, log=print):
-    """Runs (or resumes) a training run; returns the final metrics (rank 0; other ranks get only run_dir and rank).
-    `on_step(step)` is called after every step."""
+    """Runs (or resumes) a training run: the loop, evaluations and checkpoints around a Run (build_run). Returns the
+    final metrics (rank 0; other ranks get only run_dir and rank). `on_step(step)` is called after every step."""
     rank, world, device = setup_distributed(cfg["training.device"])
     is_main = rank == 0
     if cfg["training.threads"]:
@@ -522,23 +753,12 @@ def train(cfg, on_step=None, log=print):
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-    # data (both betons checked before anything else happens)
+    # data (both betons checked before anything else happens), then everything a step needs
     train_path, val_path, total_train, num_classes = betons(cfg)
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
-    res = resolution_at(cfg, 0)
-    loader, decoders = train_loader(cfg, train_path, np.arange(num_train), world, res)
-    make_views = view_maker(cfg, device)
-    steps_per_epoch = len(loader)
-    epochs = cfg["optim.epochs"]
-    total_steps = epochs * steps_per_epoch
-
-    # model, optimisers
-    online, target, probe, affinity = build_model(cfg, num_classes, device)
-    peak_lr = cfg["optim.lr"] * cfg["optim.batch_size"] * world / 256
-    opt = build_optimizer(cfg, online, peak_lr)
-    probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
-    aff_opt = torch.optim.Adam(affinity.parameters(), lr=cfg["method.logo_affinity_lr"]) if affinity else None
+    run = build_run(cfg, device, world, train_path, num_train, num_classes)
+    epochs, steps_per_epoch = cfg["optim.epochs"], run.steps_per_epoch
     run_dir = run_folder(cfg)
     if world > 1:  # one folder for all ranks (its default name holds rank 0's start time)
         shared = [run_dir]
@@ -548,9 +768,10 @@ def train(cfg, on_step=None, log=print):
     if os.path.isfile(ckpt_path) and not cfg["training.resume"]:
         raise TrainingError(f"{run_dir} already holds a run; pass --training.resume=1 to continue it, or choose "
                             f"another training.run_name")
+    run.kept = lambda: kept_checkpoint(ckpt_path)
 
     # random-init baseline (before any step), then resume if asked
-    start_epoch, step, results, ck = 0, 0, {}, None
+    start_epoch, results, ck = 0, {}, None
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
     if cfg["training.resume"] and os.path.isfile(ckpt_path):
@@ -558,98 +779,56 @@ def train(cfg, on_step=None, log=print):
             ck = resume_state(cfg, ckpt_path)
         except CheckpointError as e:
             raise TrainingError(f"cannot resume: {e}") from None
-        online.load_state_dict(ck["online"])
-        probe.load_state_dict(ck["probe"])
-        opt.load_state_dict(ck["opt"])
-        probe_opt.load_state_dict(ck["probe_opt"])
-        if target is not None:
-            target.load_state_dict(ck["target"])
-        if affinity is not None:
-            affinity.load_state_dict(ck["affinity"])
-            aff_opt.load_state_dict(ck["aff_opt"])
-        start_epoch, step, results = ck["epoch"], ck["step"], ck.get("results", {})
-        set_rng_state(ck["rng"])
+        run.load_state_dict(ck)
+        start_epoch, results = ck["epoch"], ck.get("results", {})
         if is_main:
-            _forget_after(os.path.join(run_dir, "log.jsonl"), step)
-        log(f"resumed {ckpt_path} at epoch {start_epoch}, step {step}")
+            _forget_after(os.path.join(run_dir, "log.jsonl"), run.global_step)
+        log(f"resumed {ckpt_path} at epoch {start_epoch}, step {run.global_step}")
     elif is_main and cfg["eval.random_init"] and "random_init" not in results:
-        results["random_init"] = evaluate(cfg, online.backbone, None, device, num_classes, cfg["augment.res"], True,
-                                          train_path, val_path)
+        results["random_init"] = evaluate(cfg, run.online.backbone, None, device, num_classes, cfg["augment.res"],
+                                          True, train_path, val_path)
         log(f"random init: knn={results['random_init']['knn']:.4f} probe={results['random_init'].get('probe', 0):.4f}")
     if is_main:
         _write_params(run_dir, cfg, ck)
         with open(os.path.join(run_dir, "env.json"), "w") as fh:
             json.dump(environment(device, world), fh, indent=1)
-    model = online
-    if world > 1:
-        # broadcast_buffers=False: each rank keeps its BN running statistics (eval uses rank 0's); broadcasting them at
-        # every forward both costs a collective per view and, on some torch versions, bumps tensors saved for backward
-        model = nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
-    if cfg["training.compile"]:  # one graph per resolution (LoGo, progressive res): dynamic shapes hit an inductor
-        # stride assertion in channels-last conv backward (torch 2.11, H100)
-        model = torch.compile(model, dynamic=False)
     # TensorBoard hides the events of steps after the checkpoint (purge_step), as log.jsonl drops their rows
-    tb = _tensorboard(run_dir, step + 1 if ck is not None else None) if is_main else None
+    tb = _tensorboard(run_dir, run.global_step + 1 if ck is not None else None) if is_main else None
     logfile = open(os.path.join(run_dir, "log.jsonl"), "a") if is_main else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["training.bf16"])
 
-    def state(epoch):
-        return {"online": online.state_dict(), "target": target.state_dict() if target is not None else None,
-                "probe": probe.state_dict(), "opt": opt.state_dict(), "probe_opt": probe_opt.state_dict(),
-                "affinity": affinity.state_dict() if affinity is not None else None,
-                "aff_opt": aff_opt.state_dict() if aff_opt is not None else None,
-                "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": as_dict(cfg), "results": results}
+    def checkpoint(epoch, when):
+        save_checkpoint(ckpt_path, {**run.state_dict(), "epoch": epoch + 1, "config": as_dict(cfg),
+                                    "results": results}, when)
 
     def report(epoch, metrics):
         results[f"epoch{epoch}"] = metrics
-        _write_row(logfile, tb, {"epoch": epoch, "step": step, **metrics}, step)
+        _write_row(logfile, tb, {"epoch": epoch, "step": run.global_step, **metrics}, run.global_step)
         log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def evaluate_now(final):
+        return _evaluate(cfg, run.online, run.probe, device, num_classes, final, train_path, val_path, ckpt_path)
 
     try:  # a crash still leaves what was logged on disk
         # Steps are counted from 1 in logs and messages: "step k" is the k-th update (log rows carry the same k).
         for epoch in range(start_epoch, epochs):
-            new_res = resolution_at(cfg, epoch)
-            if new_res != res:
-                res = new_res
-                if decoders:  # CPU path: the crop decoders resize in the loader's threads
-                    decoders[0].output_size = (res, res)
-                    loader.generate_code()
-            loader.next_epoch = epoch  # the RANDOM order of epoch e is seeded by seed + e: same order on resume
-            check_every, checked = cfg["training.nan_check_every"], step + 1
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+            run.set_epoch(epoch)
             t_epoch, seen = time.perf_counter(), 0
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
                        disable=None if is_main else True)  # None: shown on a terminal only
-            for i, batch in enumerate(loader):
-                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-                views, local_views, labels = make_views(batch, res, gen)
-                lr = lr_at(step, total_steps, cfg["optim.warmup_epochs"] * steps_per_epoch, peak_lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr * group["lr_mult"]
-                terms, probe_logits = train_step(
-                    cfg, (model, online, target, probe, affinity), (opt, probe_opt, aff_opt), views, local_views,
-                    labels, amp, tau_at(step, total_steps, cfg["optim.tau"]), world,
-                    lambda: f"at step {step + 1} (epoch {epoch}); not applied: {kept_checkpoint(ckpt_path)}",
-                    check_every == 1)
-                step += 1
-                if check_every > 1:  # a running flag on the device; the host looks at it every check_every steps
-                    nonfinite = nonfinite | ~torch.isfinite(terms["loss"].detach())
-                    if step % check_every == 0 or i == steps_per_epoch - 1:
-                        if bool(nonfinite):  # sync
-                            raise TrainingError(f"loss is nan/inf at a step between {checked} and {step} (epoch "
-                                                f"{epoch}); {kept_checkpoint(ckpt_path)}")
-                        checked = step + 1
+            for i, batch in enumerate(run.batches()):
+                terms, probe_logits, labels = run.step(batch)
+                step = run.global_step
                 seen += len(labels) * world
                 if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):
-                    rate = seen / (time.perf_counter() - t_epoch)
-                    row = {"epoch": epoch, "step": step, "lr": lr, "res": res, "img_per_s": rate,
+                    rate = seen / (time.perf_counter() - t_epoch)  # metrics read here only: the steady state has
+                    lr = run.lr(step - 1)                           # no host sync of its own
+                    row = {"epoch": epoch, "step": step, "lr": lr, "res": run.res, "img_per_s": rate,
                            "probe_train_acc": float((probe_logits.argmax(1) == labels).float().mean()),
                            **{k: float(v.detach()) for k, v in terms.items()}}
                     _write_row(logfile, tb, row, step)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_per_s=f"{rate:.0f}", refresh=False)
                     if bar.disable:  # no terminal: a plain log line instead of the bar
-                        log(f"epoch {epoch} step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.3g} "
+                        log(f"epoch {epoch} step {step}/{run.total_steps} loss {row['loss']:.4f} lr {lr:.3g} "
                             f"{rate:.0f} img/s")
                 bar.update(1)
                 if on_step is not None:
@@ -658,20 +837,18 @@ def train(cfg, on_step=None, log=print):
             # the weights first (only if finite), then the evaluation: a failing evaluation never costs the epoch
             last = epoch == epochs - 1
             if is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last):
-                save_checkpoint(ckpt_path, state(epoch), f"after epoch {epoch} (step {step})")
-            elif is_main and nonfinite_tensors(state(epoch)):  # caught now rather than at the next checkpoint
-                raise TrainingError(f"NaN/inf in the state after epoch {epoch} (step {step}); "
+                checkpoint(epoch, f"after epoch {epoch} (step {run.global_step})")
+            elif is_main and nonfinite_tensors(run.state_dict()):  # caught now rather than at the next checkpoint
+                raise TrainingError(f"NaN/inf in the state after epoch {epoch} (step {run.global_step}); "
                                     f"{kept_checkpoint(ckpt_path)}")
             if is_main and not last and cfg["eval.every"] and (epoch + 1) % cfg["eval.every"] == 0:
-                report(epoch, _evaluate(cfg, online, probe, device, num_classes, False, train_path, val_path,
-                                        ckpt_path))  # its results reach the next checkpoint
+                report(epoch, evaluate_now(False))  # its results reach the next checkpoint
         if is_main and f"epoch{epochs - 1}" not in results:
             # the final evaluation, once the last checkpoint is on disk (also when a resume finds the run trained but
             # not evaluated); then the same weights are saved again with its results
-            export_backbone(online, os.path.join(run_dir, "backbone.pt"))
-            report(epochs - 1, _evaluate(cfg, online, probe, device, num_classes, True, train_path, val_path,
-                                         ckpt_path))
-            save_checkpoint(ckpt_path, state(epochs - 1), "with the final evaluation")
+            export_backbone(run.online, os.path.join(run_dir, "backbone.pt"))
+            report(epochs - 1, evaluate_now(True))
+            checkpoint(epochs - 1, "with the final evaluation")
     finally:
         if logfile:
             logfile.close()

@@ -4,7 +4,7 @@
     python bench/profile_step.py --device cpu --images 64 --backbone resnet18_w16_cifar --res 32 --batch 16 \
         --steps 2 --warmup 1 --compile 0                                    # CPU smoke run
 
-Runs bench/throughput.py's set-up (synthetic JPEG beton, the trainer's loader, view maker and train_step), then
+Runs bench/throughput.py's set-up (synthetic JPEG beton, the Run train_coss.build_run makes: loader, views, step), then
 profiles --steps steps after --warmup untimed ones. Prints: wall time per step, the GPU's busy time per step (sum of
 kernel durations; the rest is the GPU waiting for the host), and the top operators by CUDA and by CPU time;
 writes a Chrome trace (open in chrome://tracing or Perfetto) and the tables under --out.
@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from bench_loader import make_jpeg_tree  # noqa: E402
-from throughput import add_setup_args, setup, write_beton  # noqa: E402
+from throughput import add_setup_args, endless, setup, switch_cases, write_beton  # noqa: E402
 
 
 def main(argv=None):
@@ -43,17 +43,14 @@ def main(argv=None):
     tree = os.path.join(args.data, f"jpegs_{args.images}")
     make_jpeg_tree(tree, args.images, args.workers)
     path = write_beton(tree, args.data, args.workers)
-    _, loader, make_views, train_step, _, _ = setup(path, args.method, args.backbone, args.res, args.decode, args,
-                                                    device)
-
-    def batches():
-        while True:
-            yield from loader
-
-    it = batches()
+    if len(switch_cases(args)) != 1:
+        p.error("give one value each of --compile, --fuse-views and --prefetch")
+    switches = switch_cases(args)[0]
+    _, run = setup(path, args.method, args.backbone, args.res, args.decode, switches, args, device)
+    it = endless(run)
 
     def step(i):
-        train_step(*make_views(next(it), args.res, torch.Generator(device=device).manual_seed(i)))
+        run.step(next(it))
 
     for i in range(args.warmup):
         step(i)
@@ -72,8 +69,9 @@ def main(argv=None):
     busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
     os.makedirs(args.out, exist_ok=True)
     prof.export_chrome_trace(os.path.join(args.out, "trace.json"))
-    lines = [f"{args.method} {args.backbone} {args.res}px decode={args.decode} batch {args.batch} compile "
-             f"{args.compile}: {wall * 1e3:.1f} ms per step wall ({args.batch / wall:.0f} img/s under the profiler)"]
+    named = " ".join(f"{k}={v}" for k, v in switches.items())
+    lines = [f"{args.method} {args.backbone} {args.res}px decode={args.decode} batch {args.batch} {named}: "
+             f"{wall * 1e3:.1f} ms per step wall ({args.batch / wall:.0f} img/s under the profiler)"]
     if cuda:
         lines.append(f"GPU busy {busy / args.steps * 1e3:.1f} ms per step ({100 * busy / args.steps / wall:.0f} % of "
                      f"the wall time; the rest the GPU waits for the host)")

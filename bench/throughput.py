@@ -1,19 +1,24 @@
-"""Benchmark (not a test): end-to-end training throughput of train_coss.py's own loader, view maker and step, on a
-synthetic ImageNet-like JPEG beton (no real dataset needed).
+"""Benchmark (not a test): end-to-end training throughput of train_coss.py's own Run (build_run: its loader, view
+maker and step), on a synthetic ImageNet-like JPEG beton or on a config's own beton.
 
     python bench/throughput.py --images 20000 --method byol co_byol --backbone resnet18 resnet50 \
         --res 160 224 --decode cpu gpu                                  # on one GPU
+    python bench/throughput.py --device cpu --config configs/fmnist.yaml --beton betons/fmnist_train.beton \
+        --compile 0 1 --fuse-views 0 1 --steps 60 --warmup 10           # the CPU demo's step, switch by switch
     python bench/throughput.py --device cpu --images 64 --backbone resnet18_w16_cifar --res 32 --batch 16 \
         --steps 2 --warmup 1                                            # CPU smoke test (tests/test_throughput.py)
 
-The beton: --images JPEGs of 330-500 px a side (ImageNet's ~400x350 average, ~75 KB at quality 90; made once under
---data and reused), written as a JPEG beton. For each (method, backbone, res, decode): the networks exactly as
-train_coss.py builds them (bf16 autocast, channels-last, torch.compile by default), --warmup untimed steps
-(compilation, cuDNN autotuning), then --steps timed steps, loader included (the clock stops after a GPU sync).
-Reports img/s, ms per step, peak GPU memory, the loader alone (same loader + view making, no model), the share of
-the bf16 roofline (training FLOPs per image x img/s / measured dense bf16 matmul peak; FLOPs = 2 x multiply-adds,
-backward = 2 x forward, target forward for the BYOL family, all views) and the projected time of one ImageNet-100
-epoch (126,689 images). method "logo" means method.name=byol, method.logo=1.
+The synthetic beton: --images JPEGs of 330-500 px a side (ImageNet's ~400x350 average, ~75 KB at quality 90; made
+once under --data and reused), written as a JPEG beton, trained with ImageNet-size heads and BYOL's ImageNet
+augmentations. With --config and --beton instead: that config as it is (its method, network, resolution, batch), on
+that beton. For each case (method, backbone, res, decode, and every combination of the step's switches --compile,
+--fuse-views, --prefetch): the Run train_coss.py builds, --warmup untimed steps (their time is reported: compilation,
+cuDNN autotuning), then --steps timed steps, loader included (the clock stops after a GPU sync). Reports img/s, ms per
+step, peak GPU memory, the loader alone (same loader + view making, no model), the share of the roofline (training
+FLOPs per image x img/s / peak; FLOPs = 2 x multiply-adds, backward = 2 x forward, target forward for the BYOL
+family, all views; peak on a GPU: a measured dense bf16 matmul; on the CPU: the cores' nominal fp32 FMA peak, cores x
+clock x FLOPs per cycle from the vector width, and a measured fp32 matmul beside it) and the projected time of one
+ImageNet-100 epoch (126,689 images). method "logo" means method.name=byol, method.logo=1.
 """
 import argparse
 import json
@@ -22,7 +27,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,18 +53,37 @@ def write_beton(tree, data_dir, workers):
 
 
 def matmul_peak(device):
-    """Dense bf16 matmul FLOP/s measured here (the roofline's ceiling)."""
-    if device.type != "cuda":
-        return float("nan")
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    """Dense matmul FLOP/s measured here: bf16 on a GPU (the roofline's ceiling), fp32 on the CPU (beside the
+    nominal peak)."""
+    cuda = device.type == "cuda"
+    n, reps = (8192, 20) if cuda else (1024, 5)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
     for _ in range(3):
         a @ a
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
         a @ a
-    torch.cuda.synchronize()
-    return n * 2 * 8192**3 / (time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize()
+    return reps * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def cpu_fma_peak(threads=None):
+    """Nominal fp32 FLOP/s of the cores torch uses: threads x clock x FLOPs per cycle, where a core retires two FMA
+    vector instructions per cycle (Zen 2-4, Intel since Haswell; Intel server cores with AVX-512: two 512-bit FMA
+    ports) of 8 fp32 lanes (AVX2) or 16 (AVX-512), each FMA 2 FLOPs. Returns (FLOP/s, how it was computed)."""
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    mhz = [float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    lanes = 16 if "avx512f" in flags and os.environ.get("ATEN_CPU_CAPABILITY", "") != "avx2" else \
+        8 if "avx2" in flags and "fma" in flags else 4
+    threads = threads or torch.get_num_threads()
+    ghz = (max(mhz) if mhz else float("nan")) / 1e3
+    per_cycle = 2 * lanes * 2
+    return threads * ghz * 1e9 * per_cycle, f"{threads} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle " \
+                                            f"(2 FMA units x {lanes} fp32 lanes x 2)"
 
 
 def train_flops_per_image(cfg, online, target, res):
@@ -79,87 +102,101 @@ def add_setup_args(p):
     """The options `setup` reads (shared with bench/profile_step.py)."""
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--compile", type=int, nargs="+", default=[1], help="training.compile values to run")
+    p.add_argument("--fuse-views", type=int, nargs="+", default=[0], help="training.fuse_views values to run")
+    p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="training.prefetch values to run")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "ref"])
     p.add_argument("--local-res", type=int, default=96, help="LoGo's local crops, px")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"))
+    p.add_argument("--config", help="time this config as it is (with --beton) instead of the synthetic ImageNet case")
+    p.add_argument("--beton", help="with --config: the train beton to read")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra config values, e.g. training.nan_check_every=20")
 
 
-def setup(path, method, backbone, res, decode, args, device):
-    """The trainer's pieces for one case, built as train_coss.py builds them (ImageNet-size heads, BYOL's ImageNet
-    augmentations, LARS): (cfg, loader, make_views, step(views, local_views, labels), online, target). method "logo" = byol + LoGo.
-    Shared with bench/profile_step.py; args: batch, workers, compile, kernels, local_res, set."""
+def switch_cases(args):
+    """Every combination of the step's switches asked for: [{'compile': c, 'fuse_views': f, 'prefetch': p}]."""
+    return [{"compile": c, "fuse_views": f, "prefetch": q} for c in args.compile for f in args.fuse_views
+            for q in args.prefetch]
+
+
+def case_config(method, backbone, res, decode, switches, args, device):
+    """The config of one case: --config as it is, or the synthetic ImageNet case (ImageNet-size heads, BYOL's ImageNet
+    augmentations, LARS); method "logo" = byol + LoGo; then the switches and --set."""
+    common = [f"--training.{k}={v}" for k, v in switches.items()] + [
+        f"--training.device={device.type}", f"--training.kernels={args.kernels}",
+        f"--augment.workers={args.workers}"]
+    if args.config:
+        return load_config(args.config, common + [f"--{kv}" for kv in args.set])
     name, logo = ("byol", 1) if method == "logo" else (method, 0)
-    cfg = load_config(None, [
+    return load_config(None, [
         f"--method.name={name}", f"--method.logo={logo}", f"--model.backbone={backbone}", f"--augment.res={res}",
-        f"--optim.batch_size={args.batch}", f"--data.decode={decode}", f"--augment.workers={args.workers}",
+        f"--optim.batch_size={args.batch}", f"--data.decode={decode}",
         "--augment.interpolation=bilinear", "--augment.p_blur1=1.0", "--augment.p_blur2=0.1",
         "--augment.c_min=0.08", "--method.proj_hidden=4096", "--method.proj_dim=256",
         "--method.pred_hidden=4096", "--method.local_hidden=1024", "--optim.lars_eta=0.001",
-        "--optim.weight_decay=1e-6",
-        f"--training.compile={args.compile}", f"--training.kernels={args.kernels}",
-        f"--method.logo_local_res={args.local_res}", f"--training.device={device.type}"]
-        + [f"--{kv}" for kv in args.set])
-    n_images = train_coss.num_images_and_classes(path)[0]
-    loader, _ = train_coss.train_loader(cfg, path, np.arange(n_images), 1, res)
-    make_views = train_coss.view_maker(cfg, device)
-    online, target, probe, affinity = train_coss.build_model(cfg, 100, device)
-    opt = train_coss.build_optimizer(cfg, online, peak_lr=0.1)
-    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
-    aff_opt = torch.optim.Adam(affinity.parameters(), lr=1e-3) if affinity is not None else None
-    model = torch.compile(online, dynamic=False) if args.compile else online
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    nets, opts = (model, online, target, probe, affinity), (opt, probe_opt, aff_opt)
-
-    def step(views, local_views, labels):
-        train_coss.train_step(cfg, nets, opts, views, local_views, labels, amp, 0.99, 1, "",
-                              cfg["training.nan_check_every"] == 1)
-    return cfg, loader, make_views, step, online, target
+        "--optim.weight_decay=1e-6", "--optim.lr=0.1", f"--method.logo_local_res={args.local_res}"]
+        + common + [f"--{kv}" for kv in args.set])
 
 
-def bench_one(path, method, backbone, res, decode, args, device, peak):
-    cfg, loader, make_views, train_step, online, target = setup(path, method, backbone, res, decode, args, device)
-    flops = train_flops_per_image(cfg, online, target, res)
+def setup(path, method, backbone, res, decode, switches, args, device):
+    """The trainer's Run for one case, built by train_coss.build_run (shared with bench/profile_step.py)."""
+    cfg = case_config(method, backbone, res, decode, switches, args, device)
+    return cfg, train_coss.build_run(cfg, device, 1, path, num_classes=100 if not args.config else None)
+
+
+def endless(run):
+    """run.batches() epoch after epoch, with the step counter running on."""
+    epoch = 0
+    while True:
+        run.set_epoch(epoch)
+        yield from run.batches()
+        epoch += 1
+
+
+def bench_one(path, method, backbone, res, decode, switches, args, device, peak):
+    cfg, run = setup(path, method, backbone, res, decode, switches, args, device)
+    res, batch = cfg["augment.res"], cfg["optim.batch_size"]
+    flops = train_flops_per_image(cfg, run.online, run.target, res)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def batches():
-        step = 0
-        while True:
-            for batch in loader:
-                yield step, batch
-                step += 1
-
-    def run(steps, source, with_model):
-        t0 = None
-        for step, batch in source:
-            if step == args.warmup and t0 is None:
-                sync()
-                t0 = time.perf_counter()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-            gen = torch.Generator(device=device).manual_seed(step)
-            views, local_views, labels = make_views(batch, res, gen)
-            if with_model:
-                train_step(views, local_views, labels)
-            if step + 1 == args.warmup + steps:
-                break
-        sync()
-        return (time.perf_counter() - t0) / steps
-
-    step_s = run(args.steps, batches(), True)
+    source = endless(run)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        run.step(next(source))
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        run.step(next(source))
+    sync()
+    step_s = (time.perf_counter() - t0) / args.steps
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    loader_s = run(args.steps, batches(), False)
-    img_s = args.batch / step_s
-    return {"method": method, "backbone": backbone, "res": res, "decode": decode, "batch": args.batch,
-            "img_per_s": img_s, "step_ms": step_s * 1e3, "loader_img_per_s": args.batch / loader_s,
-            "peak_gib": mem, "tflops_per_image": flops / 1e12, "roofline": flops * img_s / peak,
-            "in100_epoch_s": IN100_TRAIN / img_s}
+    source.close()
+    # the loader alone: the same loader and view maker, no model
+    loader_batches = (run.prepare(b, i) if not isinstance(b, train_coss.Prepared) else b
+                      for i, b in enumerate(endless(run)))
+    for _ in range(min(args.warmup, 2)):
+        next(loader_batches)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        next(loader_batches)
+    sync()
+    loader_s = (time.perf_counter() - t0) / args.steps
+    loader_batches.close()
+    img_s = batch / step_s
+    return {"method": cfg["method.name"] + ("+logo" if cfg["method.logo"] else "") if args.config else method,
+            "backbone": cfg["model.backbone"], "res": res, "decode": cfg["data.decode"], "batch": batch,
+            **switches, "img_per_s": img_s, "step_ms": step_s * 1e3, "warmup_s": warmup_s,
+            "loader_img_per_s": batch / loader_s, "peak_gib": mem, "tflops_per_image": flops / 1e12,
+            "roofline": flops * img_s / peak, "in100_epoch_s": IN100_TRAIN / img_s}
 
 
 def main(argv=None):
@@ -177,32 +214,46 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    tree = os.path.join(args.data, f"jpegs_{args.images}")
-    make_jpeg_tree(tree, args.images, args.workers)
-    path = write_beton(tree, args.data, args.workers)
-    peak = matmul_peak(device)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    stats = tree_stats(tree)
-    print(f"{gpu}; torch {torch.__version__}; {args.images} JPEGs, mean {stats['mean_wh'][0]:.0f}x"
-          f"{stats['mean_wh'][1]:.0f} px, {stats['mean_kb']:.0f} KB; {args.workers} loader threads; batch "
-          f"{args.batch}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; compile {args.compile}; kernels {args.kernels}")
-    print("| method | backbone | res | decode | img/s | step ms | loader alone img/s | peak GiB | % bf16 roofline "
-          "| IN-100 epoch s |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    if args.config:
+        if not args.beton:
+            p.error("--config needs --beton (the train beton of that config)")
+        path, cases = args.beton, [(None, None, None, None)]
+        what = f"{args.config} on {args.beton}"
+    else:
+        tree = os.path.join(args.data, f"jpegs_{args.images}")
+        make_jpeg_tree(tree, args.images, args.workers)
+        path = write_beton(tree, args.data, args.workers)
+        cases = [(m, b, r, d) for b in args.backbone for r in args.res for m in args.method for d in args.decode]
+        stats = tree_stats(tree)
+        what = (f"{args.images} JPEGs, mean {stats['mean_wh'][0]:.0f}x{stats['mean_wh'][1]:.0f} px, "
+                f"{stats['mean_kb']:.0f} KB; batch {args.batch}")
+    measured = matmul_peak(device)
+    if device.type == "cuda":
+        peak, hw = measured, torch.cuda.get_device_name()
+        peak_text = f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (measured)"
+    else:
+        peak, how = cpu_fma_peak()
+        hw = platform.processor() or "cpu"
+        peak_text = (f"fp32 FMA peak {peak / 1e9:.0f} GFLOP/s ({how}); fp32 matmul measured "
+                     f"{measured / 1e9:.0f} GFLOP/s")
+    print(f"{hw}; torch {torch.__version__}; {what}; {args.workers} loader threads; {peak_text}; kernels "
+          f"{args.kernels}")
+    print("| method | backbone | res | decode | compile | fuse views | prefetch | img/s | step ms | warm-up s "
+          "| loader alone img/s | peak GiB | % roofline | IN-100 epoch s |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for backbone in args.backbone:
-        for res in args.res:
-            for method in args.method:
-                for decode in args.decode:
-                    r = bench_one(path, method, backbone, res, decode, args, device, peak)
-                    rows.append(r)
-                    print(f"| {method} | {backbone} | {res} | {decode} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} "
-                          f"| {r['loader_img_per_s']:.0f} | {r['peak_gib']:.1f} | {100 * r['roofline']:.0f} % | "
-                          f"{r['in100_epoch_s']:.0f} |", flush=True)
+    for method, backbone, res, decode in cases:
+        for switches in switch_cases(args):
+            r = bench_one(path, method, backbone, res, decode, switches, args, device, peak)
+            rows.append(r)
+            print(f"| {r['method']} | {r['backbone']} | {r['res']} | {r['decode']} | {r['compile']} | "
+                  f"{r['fuse_views']} | {r['prefetch']} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | "
+                  f"{r['warmup_s']:.1f} | {r['loader_img_per_s']:.0f} | {r['peak_gib']:.1f} | "
+                  f"{100 * r['roofline']:.1f} % | {r['in100_epoch_s']:.0f} |", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": gpu, "torch": torch.__version__, "peak_flops": peak, "args": vars(args),
-                       "rows": rows}, fh, indent=1)
+            json.dump({"device": hw, "torch": torch.__version__, "peak_flops": peak, "matmul_flops": measured,
+                       "args": vars(args), "rows": rows}, fh, indent=1)
     return rows
 
 

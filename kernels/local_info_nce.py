@@ -2,7 +2,8 @@
 
 Every location of a view is an anchor against the K = 2N global embeddings of the batch (both views, all ranks);
 its positive is the other view's global embedding of the same image, the same view's global embedding of the same
-image is masked out (losses.local_global_info_nce, the reference). Per view, with rows r = (b, l) of P [B, L, D],
+image is masked out (local_info_nce_ref below is the reference; losses.local_global_info_nce calls this file).
+Per view, with rows r = (b, l) of P [B, L, D],
 candidates C = normalise(cat(z1_all, z2_all)) [K, D] and temperature T:
 
     â_r = P_r / max(|P_r|, eps),   s_rj = <â_r, C_j> / T   (s_r,self(b) = -inf),   lse_r = logsumexp_j s_rj
@@ -28,10 +29,54 @@ import triton.language as tl
 
 import kernels
 from kernels import use_triton
-from losses import _all_or_local, _check_local, local_global_info_nce
 
 EPS = 1e-12
 MAX_D = 1024
+
+
+def check_local(fn, P1, P2, z1, z2):
+    """Local terms take P1, P2 [B, L, D] and global z1, z2 [B, D] of the same B and D."""
+    for name, t, ndim in (("P1", P1, 3), ("P2", P2, 3), ("z1", z1, 2), ("z2", z2, 2)):
+        if not isinstance(t, torch.Tensor) or t.ndim != ndim:
+            raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(getattr(t, 'shape', ()))}")
+        if t.shape[-1] != P1.shape[-1]:
+            raise ValueError(f"{name} has embedding dim {t.shape[-1]}, expected {P1.shape[-1]}")
+    if P1.shape != P2.shape or z1.shape != z2.shape or P1.shape[0] != z1.shape[0]:
+        raise ValueError(f"{fn} shapes: P {tuple(P1.shape)}/{tuple(P2.shape)}, z {tuple(z1.shape)}/{tuple(z2.shape)}")
+
+
+def all_or_local(z1, z2, z1_all, z2_all, offset):
+    """The candidates' sources: every rank's [N, D] rows (gathered with gradient) and this rank's offset in them,
+    or this rank's own [B, D] rows and offset 0."""
+    if (z1_all is None) != (z2_all is None):
+        raise ValueError("give both z1_all and z2_all, or neither")
+    if z1_all is None:
+        return z1, z2, 0
+    for name, t in (("z1_all", z1_all), ("z2_all", z2_all)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[-1] != z1.shape[-1]:
+            raise ValueError(f"{name} must be [N, {z1.shape[-1]}], got shape {tuple(getattr(t, 'shape', ()))}")
+    if z1_all.shape != z2_all.shape or not 0 <= offset <= z1_all.shape[0] - z1.shape[0]:
+        raise ValueError(f"gathered shapes {tuple(z1_all.shape)}/{tuple(z2_all.shape)} do not hold this rank's "
+                         f"{z1.shape[0]} rows at offset {offset}")
+    return z1_all, z2_all, offset
+
+
+def local_info_nce_ref(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None, offset=0):
+    """Plain PyTorch: every location of view a is an anchor against the 2N global embeddings; mean over the
+    2·B·L anchors (the logits [B, L, 2N] are materialised)."""
+    check_local("local_info_nce", P1, P2, z1, z2)
+    c1, c2, offset = all_or_local(z1, z2, z1_all, z2_all, offset)
+    B, L, N = P1.shape[0], P1.shape[1], c1.shape[0]
+    candidates = F.normalize(torch.cat([c1, c2]), dim=1)                  # [2N, D]
+    own = torch.arange(B, device=P1.device) + offset
+    loss = 0.0
+    for P, same_view, other_view in ((P1, own, own + N), (P2, own + N, own)):
+        logits = F.normalize(P, dim=-1) @ candidates.T / temperature      # [B, L, 2N]
+        masked = F.one_hot(same_view, 2 * N).bool()[:, None, :]           # the same view's own global embedding
+        logits = logits.masked_fill(masked, float("-inf"))
+        target = other_view[:, None].expand(B, L)
+        loss = loss + F.cross_entropy(logits.reshape(B * L, 2 * N), target.reshape(-1))
+    return loss / 2
 
 
 @triton.jit
@@ -170,12 +215,12 @@ class LocalInfoNCE(torch.autograd.Function):
 
 
 def local_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None, offset=0, backend="auto", eps=EPS):
-    """Same arguments and value as losses.local_global_info_nce (the reference): mean over the 2·B·L anchors.
+    """Same arguments and value as local_info_nce_ref: mean over the 2·B·L anchors.
     backend: auto (Triton on CUDA, else the reference), triton, or ref."""
-    _check_local("local_info_nce", P1, P2, z1, z2)
+    check_local("local_info_nce", P1, P2, z1, z2)
     if not use_triton(backend, P1, P2) or P1.shape[-1] > MAX_D:
-        return local_global_info_nce(P1, P2, z1, z2, temperature, z1_all, z2_all, offset)
-    c1, c2, offset = _all_or_local(z1, z2, z1_all, z2_all, offset)
+        return local_info_nce_ref(P1, P2, z1, z2, temperature, z1_all, z2_all, offset)
+    c1, c2, offset = all_or_local(z1, z2, z1_all, z2_all, offset)
     B, N = P1.shape[0], c1.shape[0]
     C = F.normalize(torch.cat([c1, c2]), dim=1, eps=eps)                                  # [2N, D]
     if P1.dtype == torch.bfloat16:

@@ -1,12 +1,12 @@
 """kernels/local_info_nce.py: the fused CO-SimCLR local term (Triton interpreter on CPU, fp32; compiled on CUDA,
-bf16 too) against losses.local_global_info_nce: value and the gradients of P1, P2, z1, z2, with and without
+bf16 too) against its reference local_info_nce_ref: value and the gradients of P1, P2, z1, z2, with and without
 candidates gathered from other ranks."""
 import pytest
 import torch
 
 from conftest import CUDA, needs_cuda
 from kernels.local_info_nce import MAX_D, local_info_nce
-from losses import local_global_info_nce
+from kernels.local_info_nce import local_info_nce_ref as local_global_info_nce
 
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -79,3 +79,24 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError):
         local_info_nce(torch.randn(3, 7, 5), torch.randn(3, 7, 5), torch.randn(4, 5), torch.randn(4, 5), 0.2,
                        backend="triton")
+
+
+def test_every_kernel_file_is_a_leaf():
+    """kernels/*.py import only the standard library, torch, triton and kernels itself: nothing else of ours."""
+    import ast
+    import glob
+    import os
+    import sys
+    from conftest import REPO
+    ours = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "*.py"))}
+    allowed = {"torch", "torchvision", "triton", "kernels", "numpy"} | set(sys.stdlib_module_names)
+    files = sorted(glob.glob(os.path.join(REPO, "kernels", "*.py")))
+    assert len(files) >= 4
+    for path in files:
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in ours and top in allowed, f"{os.path.basename(path)} imports {name}"

@@ -55,16 +55,16 @@ def _finite_checkpoint(path):
 def _poison_after(monkeypatch, at_step):
     """From step `at_step` (1-based) on, the update drives a BatchNorm running_var to inf while the loss stays
     finite: what lr=1e6 does to the predictor's BN (the issue's reproduction), but at a chosen step."""
-    real = train_coss.train_step
+    real = train_coss.Run.step
     calls = {"n": 0}
 
-    def step(cfg, nets, *args, **kwargs):
-        out = real(cfg, nets, *args, **kwargs)
+    def step(run, *args, **kwargs):
+        out = real(run, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] >= at_step:
-            nets[1].backbone.bn1.running_var.fill_(float("inf"))
+            run.online.backbone.bn1.running_var.fill_(float("inf"))
         return out
-    monkeypatch.setattr(train_coss, "train_step", step)
+    monkeypatch.setattr(train_coss.Run, "step", step)
 
 
 @pytest.mark.timeout(600)
@@ -97,7 +97,7 @@ def test_a_nan_before_any_checkpoint_does_not_claim_one_is_kept(betons, tmp_path
 @pytest.mark.timeout(600)
 def test_nan_messages_and_log_rows_count_steps_the_same_way(betons, tmp_path):
     cfg = tiny_cfg(betons, tmp_path, "--training.run_name=r", "--optim.lr=1e38", "--optim.lars_eta=0",
-                   "--optim.warmup_epochs=0.5")
+                   "--optim.warmup_epochs=0.5", "--training.nan_check_every=1")
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step (\d+) ") as err:
         train(cfg, log=quiet)
     bad_step = int(str(err.value).split(" at step ")[1].split()[0])

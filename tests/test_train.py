@@ -127,7 +127,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(betons, tmp_path):
     path = tmp_path / "r" / "checkpoint.pt"
     before = path.read_bytes()
     cfg = tiny_cfg(betons, tmp_path, "--training.run_name=r", "--training.resume=1", "--optim.lr=1e38",
-                   "--optim.lars_eta=0", "--optim.epochs=3")
+                   "--optim.lars_eta=0", "--optim.epochs=3", "--training.nan_check_every=1")
     with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint"):
         train(cfg, log=quiet)
     assert path.read_bytes() == before
@@ -196,7 +196,7 @@ def _one_step(method, x1, x2, world, rank):
         model = nn.parallel.DistributedDataParallel(online)
         b = x1.shape[0] // world
         x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
-    loss, _, _, _ = train_coss.method_loss(cfg, model, target, (x1, x2), None, None)
+    loss, _, _, _ = train_coss.method_loss(train_coss.loss_spec(cfg), model, target, (x1, x2), None, None)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in online.named_parameters() if p.grad is not None}
 
