@@ -6,7 +6,8 @@
     python train_coss.py --plot runs/<run>                        # PNG curves of a run
 
 Reads top to bottom in run order: distributed set-up, data, model, optimiser and schedules, the loss of each
-method, the training step, checkpoints, the loop, main. The monitors (kNN, linear probes) are in evaluate.py.
+method, the training step (Run: everything a step needs, built by build_run; the benchmarks in bench/ time the same
+object), checkpoints, the loop (train: only the loop, evaluations and checkpoints around a Run), main. The monitors (kNN, linear probes) are in evaluate.py.
 Every run folder holds params.json (resolved config), env.json (versions, devices), log.jsonl (metrics),
 TensorBoard scalars (tb/) and checkpoint.pt (atomic; the last good one survives a crash or a NaN).
 """
@@ -148,7 +149,7 @@ def view_maker(cfg, device):
             if fmt != torch.channels_last:
                 views = tuple(v.contiguous(memory_format=fmt) for v in views)
                 local = tuple(v.contiguous(memory_format=fmt) for v in local) if local is not None else None
-            return views, local, batch[1].to(device).view(-1).long()
+            return views, local, batch[1].to(device, non_blocking=True).view(-1).long()
     else:
         def make(batch, res, gen):
             views_u8 = batch[0].to(device, non_blocking=True)                       # [B, 2, res, res, 3]
@@ -157,7 +158,7 @@ def view_maker(cfg, device):
             if cfg["method.logo"]:
                 local_u8 = batch[2].to(device, non_blocking=True)
                 local = tuple(aug(local_u8[:, v], gen, memory_format=fmt) for v, aug in enumerate(augments))
-            return views, local, batch[1].to(device).view(-1).long()
+            return views, local, batch[1].to(device, non_blocking=True).view(-1).long()
     return make
 
 

@@ -5,7 +5,9 @@
 # Stages (default: all, in this order): tests (GPU cases: kernels, GPU data path, CUDA trainer), suite (the whole
 # test suite), kernels (bench_kernels.py), loader (bench_loader.py with the data.decode=gpu readers), throughput
 # (bench/throughput.py grid; THROUGHPUT_ARGS overrides it), profile (bench/profile_step.py: torch.profiler tables
-# and a Chrome trace of a few steps), step (bench_step.py: CO-BYOL R50 224).
+# and a Chrome trace of a few steps), step (bench_step.py: CO-BYOL R50 224), switches (the step's switches one by
+# one: profile with all off and all on, then throughput.py over compile x fuse_views x prefetch for CO-BYOL R18 160
+# and all off / all on for BYOL R18 160 and CO-BYOL R50 224; about 8 minutes on an H100).
 # Writes under $OUT (default ./gpu_out): gpu.txt and one .log (+ .json) per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,7 @@ for stage in "${stages[@]}"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_local_global_cosine.py tests/test_local_info_nce.py \
         tests/test_crop.py \
         tests/test_gpu_views.py tests/test_train.py::test_trains_on_the_gpu_with_bf16_and_the_fused_ops \
+        tests/test_step.py \
         2>&1 | tee "$OUT/tests.log" | tail -15; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     suite)
       python3 -m pytest -q -p no:cacheprovider tests -k "not fashion_mnist" 2>&1 | tee "$OUT/suite.log" | tail -8
@@ -46,6 +49,22 @@ for stage in "${stages[@]}"; do
     step)
       python3 bench/bench_step.py --method byol co_byol --backbone resnet50 --res 224 --batch 256 2>&1 \
         | tee "$OUT/bench_step.log" ;;
+    switches)
+      for on in 0 1; do
+        python3 bench/profile_step.py --method co_byol --backbone resnet18 --res 160 --decode gpu --images 4000 \
+          --compile "$on" --fuse-views "$on" --prefetch "$on" --out "$OUT/profile_$on" 2>&1 | clean \
+          | tee "$OUT/profile_$on.log" | head -3
+      done
+      python3 bench/throughput.py --images 20000 --method co_byol --backbone resnet18 --res 160 --decode gpu \
+        --compile 0 1 --fuse-views 0 1 --prefetch 0 1 --steps 30 --warmup 15 --json "$OUT/switches_r18.json" 2>&1 \
+        | clean | tee "$OUT/switches_r18.log"
+      for case in "byol resnet18 160" "co_byol resnet50 224"; do set -- $case
+        for on in 0 1; do
+          python3 bench/throughput.py --images 20000 --method "$1" --backbone "$2" --res "$3" --decode gpu \
+            --compile "$on" --fuse-views "$on" --prefetch "$on" --steps 30 --warmup 15 \
+            --json "$OUT/switches_$1_$2_$on.json" 2>&1 | clean | tee "$OUT/switches_$1_$2_$on.log" | tail -1
+        done
+      done ;;
     *) echo "gpu_run: unknown stage $stage"; status=1 ;;
   esac
 done

@@ -13,7 +13,8 @@ once under --data and reused), written as a JPEG beton, trained with ImageNet-si
 augmentations. With --config and --beton instead: that config as it is (its method, network, resolution, batch), on
 that beton. For each case (method, backbone, res, decode, and every combination of the step's switches --compile,
 --fuse-views, --prefetch): the Run train_coss.py builds, --warmup untimed steps (their time is reported: compilation,
-cuDNN autotuning), then --steps timed steps, loader included (the clock stops after a GPU sync). Reports img/s, ms per
+cuDNN autotuning), then --repeats windows of --steps timed steps, loader included (the clock stops after a GPU
+sync); the median window counts (--interleave 1: the cases' windows alternate, for ratios on a drifting machine). Reports img/s, ms per
 step, peak GPU memory, the loader alone (same loader + view making, no model), the share of the roofline (training
 FLOPs per image x img/s / peak; FLOPs = 2 x multiply-adds, backward = 2 x forward, target forward for the BYOL
 family, all views; peak on a GPU: a measured dense bf16 matmul; on the CPU: the cores' nominal fp32 FMA peak, cores x
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -68,6 +70,27 @@ def matmul_peak(device):
     if cuda:
         torch.cuda.synchronize()
     return reps * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def backbone_rate(cfg, device, reps=5):
+    """FLOP/s of the config's backbone alone, forward + backward on random channels-last input (2 x batch images at
+    augment.res, fp32): what this machine's convolutions deliver at the step's shapes, beside the nominal peak."""
+    from rf_resnet import build_backbone, memory_format
+    width = cfg["model.width"]
+    net = build_backbone(cfg["model.backbone"], **({"width": width} if width else {})).to(device)
+    fmt = memory_format(cfg["training.channels_last"])
+    net = net.to(memory_format=fmt)
+    n, res = 2 * cfg["optim.batch_size"], cfg["augment.res"]
+    x = torch.randn(n, 3, res, res, device=device).contiguous(memory_format=fmt)
+    times = []
+    for i in range(reps + 2):
+        t0 = time.perf_counter()
+        net(x)[1].sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return n * 2 * 3 * count_flops(net, res) / statistics.median(times)
 
 
 def cpu_fma_peak(threads=None):
@@ -155,48 +178,71 @@ def endless(run):
         epoch += 1
 
 
-def bench_one(path, method, backbone, res, decode, switches, args, device, peak):
-    cfg, run = setup(path, method, backbone, res, decode, switches, args, device)
-    res, batch = cfg["augment.res"], cfg["optim.batch_size"]
-    flops = train_flops_per_image(cfg, run.online, run.target, res)
-
+def bench_cases(path, method, backbone, res, decode, args, device, peak):
+    """One row per switch case of (method, backbone, res, decode). With --interleave the cases' Runs are all built
+    and warmed up first, then their timed windows alternate (case 1, case 2, ..., case 1, ...), so that a machine
+    whose speed drifts (a shared CPU) shifts every case alike and the ratios hold; peak GPU memory then covers all
+    cases together."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    source = endless(run)
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        run.step(next(source))
-    sync()
-    warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        run.step(next(source))
-    sync()
-    step_s = (time.perf_counter() - t0) / args.steps
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    source.close()
-    # the loader alone: the same loader and view maker, no model
-    loader_batches = (run.prepare(b, i) if not isinstance(b, train_coss.Prepared) else b
-                      for i, b in enumerate(endless(run)))
-    for _ in range(min(args.warmup, 2)):
-        next(loader_batches)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        next(loader_batches)
-    sync()
-    loader_s = (time.perf_counter() - t0) / args.steps
-    loader_batches.close()
-    img_s = batch / step_s
-    return {"method": cfg["method.name"] + ("+logo" if cfg["method.logo"] else "") if args.config else method,
-            "backbone": cfg["model.backbone"], "res": res, "decode": cfg["data.decode"], "batch": batch,
-            **switches, "img_per_s": img_s, "step_ms": step_s * 1e3, "warmup_s": warmup_s,
-            "loader_img_per_s": batch / loader_s, "peak_gib": mem, "tflops_per_image": flops / 1e12,
-            "roofline": flops * img_s / peak, "in100_epoch_s": IN100_TRAIN / img_s}
+    def window(case):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            case["run"].step(next(case["source"]))
+        sync()
+        case["windows"].append((time.perf_counter() - t0) / args.steps)
+
+    def start(switches):
+        cfg, run = setup(path, method, backbone, res, decode, switches, args, device)
+        case = {"cfg": cfg, "run": run, "switches": switches, "source": endless(run), "windows": []}
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            run.step(next(case["source"]))
+        sync()
+        case["warmup_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return case
+
+    def finish(case):
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        case["source"].close()
+        run, cfg = case["run"], case["cfg"]
+        # the loader alone: the same loader and view maker, no model
+        batches = (run.prepare(b, i) if not isinstance(b, train_coss.Prepared) else b
+                   for i, b in enumerate(endless(run)))
+        for _ in range(min(args.warmup, 2)):
+            next(batches)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            next(batches)
+        sync()
+        loader_s = (time.perf_counter() - t0) / args.steps
+        batches.close()
+        step_s, batch = statistics.median(case["windows"]), cfg["optim.batch_size"]
+        img_s, flops = batch / step_s, train_flops_per_image(cfg, run.online, run.target, cfg["augment.res"])
+        return {"method": cfg["method.name"] + ("+logo" if cfg["method.logo"] else "") if args.config else method,
+                "backbone": cfg["model.backbone"], "res": cfg["augment.res"], "decode": cfg["data.decode"],
+                "batch": batch, **case["switches"], "img_per_s": img_s, "step_ms": step_s * 1e3,
+                "windows_ms": [w * 1e3 for w in case["windows"]], "warmup_s": case["warmup_s"],
+                "loader_img_per_s": batch / loader_s, "peak_gib": mem, "tflops_per_image": flops / 1e12,
+                "roofline": flops * img_s / peak, "in100_epoch_s": IN100_TRAIN / img_s}
+
+    if args.interleave:
+        cases = [start(switches) for switches in switch_cases(args)]
+        for _ in range(args.repeats):  # the median of --repeats windows of --steps steps, cases alternating
+            for case in cases:
+                window(case)
+        yield from (finish(case) for case in cases)
+        return
+    for switches in switch_cases(args):
+        case = start(switches)
+        for _ in range(args.repeats):
+            window(case)
+        yield finish(case)
 
 
 def main(argv=None):
@@ -206,7 +252,11 @@ def main(argv=None):
     p.add_argument("--backbone", nargs="+", default=["resnet18"])
     p.add_argument("--res", nargs="+", type=int, default=[224])
     p.add_argument("--decode", nargs="+", default=["gpu"], choices=["cpu", "gpu"])
-    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (per window)")
+    p.add_argument("--repeats", type=int, default=1, help="timed windows of --steps; the median window is reported")
+    p.add_argument("--interleave", type=int, default=0,
+                   help="1: build every switch case first, then alternate their timed windows (robust ratios on a "
+                        "machine whose speed drifts; all cases' memory at once)")
     p.add_argument("--warmup", type=int, default=15, help="untimed steps first (compilation, autotuning)")
     add_setup_args(p)
     p.add_argument("--json")
@@ -234,8 +284,10 @@ def main(argv=None):
     else:
         peak, how = cpu_fma_peak()
         hw = platform.processor() or "cpu"
-        peak_text = (f"fp32 FMA peak {peak / 1e9:.0f} GFLOP/s ({how}); fp32 matmul measured "
-                     f"{measured / 1e9:.0f} GFLOP/s")
+        conv = backbone_rate(case_config(*cases[0], switch_cases(args)[0], args, device), device)
+        peak_text = (f"fp32 FMA peak {peak / 1e9:.0f} GFLOP/s ({how}); measured: fp32 matmul "
+                     f"{measured / 1e9:.0f} GFLOP/s, the first case's backbone alone (fwd+bwd, 2 x batch) "
+                     f"{conv / 1e9:.0f} GFLOP/s")
     print(f"{hw}; torch {torch.__version__}; {what}; {args.workers} loader threads; {peak_text}; kernels "
           f"{args.kernels}")
     print("| method | backbone | res | decode | compile | fuse views | prefetch | img/s | step ms | warm-up s "
@@ -243,8 +295,7 @@ def main(argv=None):
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for method, backbone, res, decode in cases:
-        for switches in switch_cases(args):
-            r = bench_one(path, method, backbone, res, decode, switches, args, device, peak)
+        for r in bench_cases(path, method, backbone, res, decode, args, device, peak):
             rows.append(r)
             print(f"| {r['method']} | {r['backbone']} | {r['res']} | {r['decode']} | {r['compile']} | "
                   f"{r['fuse_views']} | {r['prefetch']} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | "
@@ -253,6 +304,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": hw, "torch": torch.__version__, "peak_flops": peak, "matmul_flops": measured,
+                       "backbone_flops": conv if device.type != "cuda" else None,
                        "args": vars(args), "rows": rows}, fh, indent=1)
     return rows
 
