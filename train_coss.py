@@ -262,6 +262,22 @@ def tau_at(step, total, base):
 # ---------------------------------------------------------------------------------------------------------------
 # The losses of each method (pure functions in losses.py; here: which tensors go where).
 
+def inductor_cache_per_isa():
+    """torch 2.14.1's inductor cache does not tell apart CPU kernels compiled for different instruction sets: a graph
+    compiled with the native AVX-512 kernels and reused under ATEN_CPU_CAPABILITY=avx2 (what `make test` sets) gave
+    a loss of 2.0 for the true 5.0 (checked by hand; tests/test_step.py would fail). So unless the user chose a cache
+    folder (TORCHINDUCTOR_CACHE_DIR), each CPU capability gets its own below inductor's default one. (Importing
+    torch._dynamo, as building an optimiser does, already sets the variable to that default; inductor reads it
+    again at every compilation.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    default = os.path.abspath(default_cache_dir())
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == default:
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"cpu-{capability}")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 class LossSpec(NamedTuple):
     """The config values the loss reads, as plain constants (what torch.compile guards on, not the Config)."""
     name: str
@@ -419,6 +435,7 @@ class Run:
             # the online and target networks and the losses in one graph (backward compiled with it); one graph
             # per resolution (LoGo, progressive res): dynamic shapes hit an inductor stride assertion in
             # channels-last conv backward (torch 2.11, H100)
+            inductor_cache_per_isa()
             mode = None if cfg["training.compile_mode"] == "default" else cfg["training.compile_mode"]
             self.forward_loss = torch.compile(forward_loss, dynamic=False, mode=mode)
         # the NaN policy: nan_check_every=1 looks at the loss before every update (a host sync); otherwise a flag on
@@ -426,7 +443,7 @@ class Run:
         self.check_every = cfg["training.nan_check_every"] or cfg["training.log_every"]
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.checked = 1                            # first step not yet known to be finite
-        self.kept = lambda: ""                      # the trainer says what a stopped run leaves (kept_checkpoint)
+        self.kept = lambda: "this Run writes no checkpoints"  # the trainer says what a stopped run leaves
         self._side = torch.cuda.Stream(device) if device.type == "cuda" and self.prefetch else None
 
     # -- schedules and inputs

@@ -156,6 +156,16 @@ def test_compiled_step_equals_the_eager_step(method):
     _assert_same((_steps(eager, batches), eager), (_steps(compiled, batches), compiled), 1e-9, 1e-12)
 
 
+def test_inductor_cache_is_kept_per_cpu_capability(monkeypatch):
+    """Kernels compiled for AVX-512 and reused under ATEN_CPU_CAPABILITY=avx2 gave wrong losses (torch 2.14.1): each
+    capability gets its own cache folder, unless the user chose one."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    folder = train_coss.inductor_cache_per_isa()
+    assert folder.endswith("cpu-" + torch.backends.cpu.get_cpu_capability().lower())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")
+    assert train_coss.inductor_cache_per_isa() == "/somewhere/mine"
+
+
 def test_state_dict_round_trip_continues_identically():
     """run.state_dict() saved and loaded into a fresh Run: its next steps are those of the original."""
     batches = _batches(4)
