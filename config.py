@@ -295,7 +295,8 @@ def _declare(cfg):
         nan_check_every=Param(StrictInt(0), "steps between looks at the NaN/inf flag of the loss (each a host sync; "
                               "1 = before every update; 0 = with the log rows, every log_every steps; always at an "
                               "epoch's end, before its checkpoint)", default=0),
-        train_images=Param(StrictInt(0), "use only the first N train images (0 = all)", default=0),
+        train_images=Param(StrictInt(0), "train on a random subset of N images, drawn with training.seed (0 = all)",
+                           default=0),
         threads=Param(StrictInt(0), "torch CPU threads (0 = leave)", default=0),
         kernels=Param(Choice("auto", "triton", "ref"), "fused Triton ops (kernels/): auto = on CUDA, the PyTorch "
                       "references on CPU; ref = always the references", default="auto"),
@@ -304,8 +305,9 @@ def _declare(cfg):
         every=Param(StrictInt(0), "epochs between kNN evaluations (0 = only at the end)", default=0),
         k=Param(StrictInt(1), "kNN neighbours", default=20),
         t=Param(StrictFloat(1e-4), "kNN temperature", default=0.07),
-        bank_images=Param(StrictInt(0), "train images in the kNN bank / probe fit (0 = all)", default=10000),
-        val_images=Param(StrictInt(0), "val images evaluated (0 = all)", default=0),
+        bank_images=Param(StrictInt(0), "train images in the kNN bank / probe fit: a random subset, seed 0 (0 = all)",
+                          default=10000),
+        val_images=Param(StrictInt(0), "val images evaluated: a random subset, seed 0 (0 = all)", default=0),
         crop_ratio=Param(StrictFloat(0.1, 1.0), "centre crop side / short side", default=1.0),
         probe_iters=Param(StrictInt(0), "L-BFGS iterations of the linear probe on frozen features at the end "
                                        "(0 = skip)", default=100),
@@ -313,7 +315,8 @@ def _declare(cfg):
     )
     # ---- evaluation suite (evaluate.py --ckpt RUN). Defaults: sized for the CPU demo's checkpoints.
     Section("linear", "Offline linear evaluation on frozen features (evaluate.py)", config_descriptor=cfg).params(
-        train_images=Param(StrictInt(0), "train images whose centre-crop features train the head (0 = all)",
+        train_images=Param(StrictInt(0), "train images whose centre-crop features train the head: a random subset, "
+                                          "seed 0 (0 = all)",
                            default=0),
         epochs=Param(StrictInt(1), "epochs of SGD over the precomputed features", default=100),
         batch_size=Param(StrictInt(1), "", default=256),
@@ -322,7 +325,8 @@ def _declare(cfg):
         knn_k=Param(FloatList(1), "kNN neighbour counts reported", default="20,200"),
     )
     Section("robust", "Robustness of backbone + linear head (evaluate.py)", config_descriptor=cfg).params(
-        images=Param(StrictInt(1), "val images used for every robustness probe", default=1000),
+        images=Param(StrictInt(1), "val images used for every robustness probe: a random subset, seed 0",
+                     default=1000),
         corruptions=Param(NameList("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast",
                                    "jpeg"), "common corruptions (empty = none)",
                           default="gaussian_noise,shot_noise,impulse_noise,gaussian_blur,contrast,jpeg"),

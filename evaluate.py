@@ -26,7 +26,11 @@ import torch.nn.functional as F
 
 from augment import uint8_hwc_to_normalized
 from config import ConfigError
-from write_ffcv import BetonError, quiet_numba_finalizers
+from write_ffcv import BetonError, quiet_numba_finalizers, seeded_subset
+
+# Every "N images" of the evaluations is a random subset drawn with this seed: the same images for every run and
+# method compared, and never the first N of a class-ordered beton.
+EVAL_SUBSET_SEED = 0
 
 
 def eval_loader(cfg, path, n_images, res):
@@ -36,7 +40,7 @@ def eval_loader(cfg, path, n_images, res):
     from ffcv.reader import Reader
     from ffcv.transforms import ToTensor
     total = len(Reader(path).metadata)
-    indices = np.arange(min(n_images, total) if n_images else total)
+    indices = seeded_subset(total, n_images, EVAL_SUBSET_SEED)
     return Loader(path, batch_size=256, num_workers=cfg["augment.workers"], order=OrderOption.SEQUENTIAL,
                   indices=indices, drop_last=False,
                   pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=cfg["eval.crop_ratio"]),
@@ -185,7 +189,8 @@ def run_config(run_cfg, overrides):
 
 @torch.no_grad()
 def val_images(cfg, path, n, res):
-    """The first n val images, centre-cropped as for kNN: uint8 [n, res, res, 3], labels [n]."""
+    """n val images (a seeded random subset, all when n is 0), centre-cropped as for kNN: uint8 [n, res, res, 3],
+    labels [n]."""
     xs, ys = [], []
     for images, y in eval_loader(cfg, path, n, res):
         xs.append(images.clone())

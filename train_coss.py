@@ -598,16 +598,18 @@ class Run:
 
 
 def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes=None):
-    """The Run of a config: with train_path, its loader over the first num_train images (None: all) and the beton's
-    classes; without, no loader (run.step takes batches in the loader's format: CPU path (uint8 [B, 2, res, res, 3]
-    views, labels), GPU path (ImageBytesDecoder rows, labels)) and num_classes for the probe."""
+    """The Run of a config: with train_path, its loader over num_train images of that beton (None: all; fewer: a
+    subset drawn with training.seed, write_ffcv.seeded_subset) and the beton's classes; without, no loader (run.step
+    takes batches in the loader's format: CPU path (uint8 [B, 2, res, res, 3] views, labels), GPU path
+    (ImageBytesDecoder rows, labels)) and num_classes for the probe."""
     loader, decoders = None, []
     if train_path is not None:
-        if num_train is None or num_classes is None:
-            total, classes = num_images_and_classes(train_path)
-            num_train = total if num_train is None else num_train
-            num_classes = classes if num_classes is None else num_classes
-        loader, decoders = train_loader(cfg, train_path, np.arange(num_train), world, resolution_at(cfg, 0))
+        from write_ffcv import seeded_subset
+        total, classes = num_images_and_classes(train_path)
+        num_train = total if num_train is None else min(num_train, total)
+        num_classes = classes if num_classes is None else num_classes
+        indices = seeded_subset(total, num_train, cfg["training.seed"])
+        loader, decoders = train_loader(cfg, train_path, indices, world, resolution_at(cfg, 0))
     return Run(cfg, device, world, loader, decoders, num_train, num_classes)
 
 

@@ -358,6 +358,16 @@ def write_command(cfg, split, overwrite=False):
     return " ".join(parts + (["--writer.overwrite=1"] if overwrite else []))
 
 
+def seeded_subset(total, n, seed):
+    """Indices of an N-image subset of a beton of `total` images: all of them when n is 0 or >= total, else n drawn
+    without replacement by a generator seeded with `seed` (the same subset on every rank and on resume), sorted so
+    that a sequential read stays in file order. Never the first n: a class-ordered beton (every ImageFolder
+    source) would give the first classes only."""
+    if not n or n >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
 def read_beton_info(cfg, split):
     """(path, number of images, number of classes) of `split`, after checking that the file is a complete beton
     with image and label fields: a missing, empty, truncated or foreign file raises BetonError (one line)."""

@@ -3,13 +3,12 @@ per-view eager Run: the same losses and updated weights, exactly where the arith
 tolerance where it is not."""
 import io
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import train_coss
-from conftest import CUDA, TINY, needs_cuda, tiny_cfg
+from conftest import TINY, needs_cuda, tiny_cfg
 from config import load_config
 
 
