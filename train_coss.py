@@ -7,7 +7,8 @@
 
 Reads top to bottom in run order: distributed set-up, data, model, optimiser and schedules, the loss of each
 method, the training step (Run: everything a step needs, built by build_run; the benchmarks in bench/ time the same
-object), checkpoints, the loop (train: only the loop, evaluations and checkpoints around a Run), main. The monitors (kNN, linear probes) are in evaluate.py.
+object), checkpoints, the loop (train: only the loop, evaluations and checkpoints around a Run), main. The monitors
+(kNN, linear probes) are in evaluate.py.
 Every run folder holds params.json (resolved config), env.json (versions, devices), log.jsonl (metrics),
 TensorBoard scalars (tb/) and checkpoint.pt (atomic; the last good one survives a crash or a NaN).
 """
@@ -285,20 +286,19 @@ class LossSpec(NamedTuple):
     temperature: float
     mixing: str
     kernels: str
-    logo: bool
     logo_clip: float
     logo_lambda: float
 
 
 def loss_spec(cfg):
-    """With training.compile on CUDA and training.kernels=auto the local terms are the PyTorch references inside the
-    compiled graph: inductor fuses them (faster than the Triton op for the local InfoNCE, BENCHMARKS.md), and an
-    autograd.Function around a Triton launch would split the graph."""
+    """With training.compile and training.kernels=auto the local terms are the PyTorch references inside the
+    compiled graph (on the CPU they are anyway): inductor fuses them (faster than the Triton op for the local
+    InfoNCE, BENCHMARKS.md), and an autograd.Function around a Triton launch would split the graph."""
     kernels = cfg["training.kernels"]
     if cfg["training.compile"] and kernels == "auto":
         kernels = "ref"
     return LossSpec(cfg["method.name"], cfg["method.w_s"], cfg["method.temperature"], cfg["method.mixing"], kernels,
-                    cfg["method.logo"], cfg["method.logo_clip"], cfg["method.logo_lambda"])
+                    cfg["method.logo_clip"], cfg["method.logo_lambda"])
 
 
 def pack_views(views, fuse):
@@ -401,7 +401,7 @@ class Run:
     checkpoint's own part (the trainer adds epoch, config and results)."""
 
     def __init__(self, cfg, device, world, loader, decoders, num_train, num_classes):
-        self.cfg, self.device, self.world, self.rank = cfg, device, world, dist.get_rank() if world > 1 else 0
+        self.cfg, self.device, self.world = cfg, device, world
         self.loader, self.decoders, self.num_train = loader, decoders, num_train
         self.steps_per_epoch = len(loader) if loader is not None else 1
         self.total_steps = cfg["optim.epochs"] * self.steps_per_epoch
@@ -425,7 +425,6 @@ class Run:
             # for backward
             model = nn.parallel.DistributedDataParallel(
                 self.online, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-        self.model = model
         target, affinity, spec = self.target, self.affinity, self.spec
 
         def forward_loss(packed, local_packed):
@@ -480,16 +479,15 @@ class Run:
             ready.record(self._side)
         return Prepared(step, views, local, labels, ready)
 
-    def batches(self, source=None):
+    def batches(self):
         """The epoch's inputs for run.step: loader batches as they are, or with training.prefetch the Prepared
         inputs of the next step made while the current one runs (a thread feeds the loader and the view maker; on
         CUDA it makes the views on a side stream)."""
-        source = self.loader if source is None else source
         if not self.prefetch:
-            yield from source
+            yield from self.loader
             return
         from concurrent.futures import ThreadPoolExecutor
-        it, step = iter(source), self.global_step
+        it, step = iter(self.loader), self.global_step
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
             def make(s):
                 batch = next(it, None)
@@ -554,7 +552,8 @@ class Run:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
             self.aff_opt.step()
-        probe_logits = self.probe(features.detach().to(self.probe.weight.dtype))  # online probe: detached, own optimiser
+        # the online probe: detached features, its own optimiser
+        probe_logits = self.probe(features.detach().to(self.probe.weight.dtype))
         probe_loss = F.cross_entropy(probe_logits, labels)
         self.probe_opt.zero_grad(set_to_none=True)
         probe_loss.backward()
@@ -597,17 +596,18 @@ class Run:
         set_rng_state(ck["rng"])
 
 
-def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes=None):
+def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes=None, total=None):
     """The Run of a config: with train_path, its loader over num_train images of that beton (None: all; fewer: a
-    subset drawn with training.seed, write_ffcv.seeded_subset) and the beton's classes; without, no loader (run.step
-    takes batches in the loader's format: CPU path (uint8 [B, 2, res, res, 3] views, labels), GPU path
+    subset drawn with training.seed, write_ffcv.seeded_subset) and the beton's classes (total and num_classes: the
+    beton's image and class counts when the caller has read them already); without, no loader (run.step takes
+    batches in the loader's format: CPU path (uint8 [B, 2, res, res, 3] views, labels), GPU path
     (ImageBytesDecoder rows, labels)) and num_classes for the probe."""
     loader, decoders = None, []
     if train_path is not None:
         from write_ffcv import seeded_subset
-        total, classes = num_images_and_classes(train_path)
+        if total is None or num_classes is None:
+            total, num_classes = num_images_and_classes(train_path)
         num_train = total if num_train is None else min(num_train, total)
-        num_classes = classes if num_classes is None else num_classes
         indices = seeded_subset(total, num_train, cfg["training.seed"])
         loader, decoders = train_loader(cfg, train_path, indices, world, resolution_at(cfg, 0))
     return Run(cfg, device, world, loader, decoders, num_train, num_classes)
@@ -777,7 +777,7 @@ def train(cfg, on_step=None, log=print):
     train_path, val_path, total_train, num_classes = betons(cfg)
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
-    run = build_run(cfg, device, world, train_path, num_train, num_classes)
+    run = build_run(cfg, device, world, train_path, num_train, num_classes, total_train)
     epochs, steps_per_epoch = cfg["optim.epochs"], run.steps_per_epoch
     run_dir = run_folder(cfg)
     if world > 1:  # one folder for all ranks (its default name holds rank 0's start time)

@@ -3,8 +3,9 @@ maker and step), on a synthetic ImageNet-like JPEG beton or on a config's own be
 
     python bench/throughput.py --images 20000 --method byol co_byol --backbone resnet18 resnet50 \
         --res 160 224 --decode cpu gpu                                  # on one GPU
-    python bench/throughput.py --device cpu --config configs/fmnist.yaml --beton betons/fmnist_train.beton \
-        --compile 0 1 --fuse-views 0 1 --steps 60 --warmup 10           # the CPU demo's step, switch by switch
+    python bench/throughput.py --device cpu --config configs/fmnist.yaml \
+        --beton betons/fmnist_train.beton --compile 0 1 --fuse-views 0 1 \
+        --steps 20 --repeats 8 --interleave 1                           # the CPU demo's step, switch by switch
     python bench/throughput.py --device cpu --images 64 --backbone resnet18_w16_cifar --res 32 --batch 16 \
         --steps 2 --warmup 1                                            # CPU smoke test (tests/test_throughput.py)
 
@@ -14,10 +15,10 @@ augmentations. With --config and --beton instead: that config as it is (its meth
 that beton. For each case (method, backbone, res, decode, and every combination of the step's switches --compile,
 --fuse-views, --prefetch): the Run train_coss.py builds, --warmup untimed steps (their time is reported: compilation,
 cuDNN autotuning), then --repeats windows of --steps timed steps, loader included (the clock stops after a GPU
-sync); the median window counts (--interleave 1: the cases' windows alternate, for ratios on a drifting machine). Reports img/s, ms per
-step, peak GPU memory, the loader alone (same loader + view making, no model), the share of the roofline (training
-FLOPs per image x img/s / peak; FLOPs = 2 x multiply-adds, backward = 2 x forward, target forward for the BYOL
-family, all views; peak on a GPU: a measured dense bf16 matmul; on the CPU: the cores' nominal fp32 FMA peak, cores x
+sync); the median window counts (--interleave 1: the cases' windows alternate, for ratios on a drifting
+machine). Reports img/s, ms per step, peak GPU memory, the loader alone (same loader + view making, no model),
+the share of the roofline (training FLOPs per image x img/s / peak; FLOPs = 2 x multiply-adds, backward =
+2 x forward, target forward for the BYOL family, all views; peak on a GPU: a measured dense bf16 matmul; on the CPU: the cores' nominal fp32 FMA peak, cores x
 clock x FLOPs per cycle from the vector width, and a measured fp32 matmul beside it) and the projected time of one
 ImageNet-100 epoch (126,689 images). method "logo" means method.name=byol, method.logo=1.
 """
