@@ -18,9 +18,9 @@ cuDNN autotuning), then --repeats windows of --steps timed steps, loader include
 sync); the median window counts (--interleave 1: the cases' windows alternate, for ratios on a drifting
 machine). Reports img/s, ms per step, peak GPU memory, the loader alone (same loader + view making, no model),
 the share of the roofline (training FLOPs per image x img/s / peak; FLOPs = 2 x multiply-adds, backward =
-2 x forward, target forward for the BYOL family, all views; peak on a GPU: a measured dense bf16 matmul; on the CPU: the cores' nominal fp32 FMA peak, cores x
-clock x FLOPs per cycle from the vector width, and a measured fp32 matmul beside it) and the projected time of one
-ImageNet-100 epoch (126,689 images). method "logo" means method.name=byol, method.logo=1.
+2 x forward, target forward for the BYOL family, all views; peak on a GPU: a measured dense bf16 matmul; on the
+CPU: the cores' nominal fp32 FMA peak, cores x clock x FLOPs per cycle from the vector width, and a measured fp32
+matmul beside it) and the projected time of one ImageNet-100 epoch (126,689 images). method "logo" means method.name=byol, method.logo=1.
 """
 import argparse
 import json
