@@ -20,7 +20,8 @@ machine). Reports img/s, ms per step, peak GPU memory, the loader alone (same lo
 the share of the roofline (training FLOPs per image x img/s / peak; FLOPs = 2 x multiply-adds, backward =
 2 x forward, target forward for the BYOL family, all views; peak on a GPU: a measured dense bf16 matmul; on the
 CPU: the cores' nominal fp32 FMA peak, cores x clock x FLOPs per cycle from the vector width, and a measured fp32
-matmul beside it) and the projected time of one ImageNet-100 epoch (126,689 images). method "logo" means method.name=byol, method.logo=1.
+matmul beside it) and the projected time of one ImageNet-100 epoch (126,689 images). method "logo" means
+method.name=byol, method.logo=1.
 """
 import argparse
 import json
