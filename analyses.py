@@ -1,4 +1,4 @@
-"""What local representations learn: the paper's analyses (COSSL_NOTES §6) and their pictures.
+"""What local representations learn: the paper's analyses (docs/METHOD_NOTES.md §6) and their pictures.
 
     global_local_similarity  for random image pairs (i, j): cos(y_i, y_j) of the pooled (global) features against
                              the similarity of their local maps, mean over all location pairs (l, l') of
@@ -70,52 +70,100 @@ def _plt():
 
 def plot_similarity(glob, local, r, path, title=""):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.scatter(glob.numpy(), local.numpy(), s=4, alpha=0.5)
-    ax.set_xlabel("cos similarity, global representations")
-    ax.set_ylabel("cos similarity, local representations")
-    ax.set_title(f"{title} Pearson r = {r:.3f}".strip(), fontsize=10)
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    ax.scatter(np.asarray(glob), np.asarray(local), s=4, alpha=0.5)
+    ax.set_xlabel("cos similarity of the pair's global representations")
+    ax.set_ylabel("mean cos similarity of their local ones")
+    ax.set_title(f"{title}: image pairs, Pearson r = {r:.3f}" if title else f"Pearson r = {r:.3f}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
 
-def plot_erf(image, maps, locations, fmap_hw, path, title=""):
-    """image: uint8-like [H, W, 3] numpy; maps: [K, H, W]; the location's cell is outlined on each panel."""
+def erf_box(layout, h, w):
+    """The box drawn for feature-map location (h, w): (x0, y0, side) in pixel coordinates (pixel centres at
+    integers), the stride-wide cell centred on the centre of the location's receptive field (rf_resnet.rf_centre),
+    which the effective receptive field of a symmetric network is centred on too (tested)."""
+    from rf_resnet import rf_centre
+    offset, stride = rf_centre(layout)
+    return offset + stride * w - stride / 2, offset + stride * h - stride / 2, stride
+
+
+def plot_erf(image, maps, locations, layout, path, title=""):
+    """image: uint8-like [H, W, 3] numpy; maps: [K, H, W] |gradient| maps of `locations` (h, w) on the feature map;
+    each panel outlines the location's cell (solid) and its theoretical receptive field (dashed)."""
+    from rf_resnet import rf_size
     plt = _plt()
-    H, W = image.shape[:2]
-    fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 2.8))
-    for ax, m, (h, w) in zip(np.atleast_1d(axes), maps, locations):
+    maps = np.asarray(maps)
+    fig, axes = plt.subplots(1, len(maps), figsize=(2.7 * len(maps) + 1.2, 3.2), squeeze=False)
+    rf = rf_size(layout)
+    for ax, m, (h, w) in zip(axes[0], maps, locations):
         ax.imshow(image)
-        heat = (m / m.max().clamp_min(1e-12)).numpy()
-        ax.imshow(heat, cmap="inferno", alpha=0.6)
-        sy, sx = H / fmap_hw[0], W / fmap_hw[1]
-        ax.add_patch(plt.Rectangle((w * sx - 0.5, h * sy - 0.5), sx, sy, fill=False, color="cyan", lw=1))
-        ax.set_title(f"location ({h}, {w})", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        shown = ax.imshow(m / max(float(m.max()), 1e-12), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+        x0, y0, side = erf_box(layout, h, w)
+        cell = plt.Rectangle((x0, y0), side, side, fill=False, color="cyan", lw=1.2)
+        full = plt.Rectangle((x0 + side / 2 - rf / 2, y0 + side / 2 - rf / 2), rf, rf, fill=False, color="lime",
+                             lw=1, ls="--")
+        ax.add_patch(cell)
+        ax.add_patch(full)
+        ax.set_xlim(-0.5, image.shape[1] - 0.5)
+        ax.set_ylim(image.shape[0] - 0.5, -0.5)
+        ax.set_title(f"location (row {h}, col {w})", fontsize=9)
+        ax.set_xlabel("x (px)", fontsize=8)
+        ax.set_ylabel("y (px)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.subplots_adjust(left=0.05, right=0.88, top=0.82, bottom=0.2, wspace=0.35)
+    fig.colorbar(shown, cax=fig.add_axes([0.9, 0.2, 0.012, 0.62])).set_label(
+        "|d location / d pixel|, / panel max", fontsize=8)
+    fig.legend([cell, full], [f"the location's cell ({side:g} px, its stride)", f"theoretical RF ({rf} px)"],
+               loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"{title}: effective receptive fields" if title else "effective receptive fields", fontsize=10)
     _save(fig, path)
 
 
-def plot_curves(runs, path):
-    """runs: {name: rows of log.jsonl}; loss and kNN against epoch, one line per run."""
+def objective(method):
+    """A run's training objective in words, from its method config: runs whose losses can share an axis."""
+    if not method:
+        return "unknown objective"
+    name = method["name"] + (" + LoGo" if method.get("logo") else "")
+    if method["name"].startswith("co_"):
+        name += f" (w_s {method['w_s']:g}, {method['mixing']})"
+    return name
+
+
+def plot_curves(runs, path, methods=None):
+    """runs: {name: rows of log.jsonl}; methods: {name: the run's method config}. Training loss against epoch on
+    one panel per objective (the losses of different objectives are not comparable numbers), then kNN accuracy
+    of every run against epoch."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    methods = methods or {}
+    groups = {}
+    for name in runs:
+        groups.setdefault(objective(methods.get(name)), []).append(name)
+    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(4.3 * (len(groups) + 1), 3.5), squeeze=False)
+    axes = axes[0]
+    labels = []
+    for ax, (obj, names) in zip(axes, groups.items()):
+        for name in names:
+            steps = [r for r in runs[name] if "loss" in r]
+            if steps:
+                per_epoch = max(r["step"] for r in steps) / max(1, max(r["epoch"] for r in steps) + 1)
+                ax.plot([r["step"] / per_epoch for r in steps], [r["loss"] for r in steps], label=name, lw=1)
+        ax.set_title(f"training loss: {obj}", fontsize=9)
+        labels.append(("epoch", "loss (objective's own units)"))
     for name, rows in runs.items():
-        steps = [r for r in rows if "loss" in r]
-        if steps:
-            per_epoch = max(r["step"] for r in steps) / max(1, max(r["epoch"] for r in steps) + 1)
-            axes[0].plot([r["step"] / per_epoch for r in steps], [r["loss"] for r in steps], label=name, lw=1)
         evals = [r for r in rows if "knn" in r]
         if evals:
-            axes[1].plot([r["epoch"] + 1 for r in evals], [r["knn"] for r in evals], "o-", label=name)
-    _finish(fig, axes, [("epoch", "training loss"), ("epoch (0: random init)", "kNN accuracy (val)")], path)
+            axes[-1].plot([r["epoch"] + 1 for r in evals], [r["knn"] for r in evals], "o-", label=name)
+    axes[-1].set_title("kNN accuracy on val", fontsize=9)
+    labels.append(("epochs trained (0: random init)", "kNN top-1 (fraction)"))
+    _finish(fig, axes, labels, path)
 
 
 def plot_robustness(results, path):
     """results: {name: eval.json dict}; accuracy against severity per corruption, mask fraction, PGD eps."""
+    from matplotlib.ticker import MaxNLocator
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for name, res in results.items():
         rob = res["robustness"]
         sev = sorted({int(k) for c in rob["corruptions"].values() for k in c})
@@ -126,14 +174,19 @@ def plot_robustness(results, path):
         axes[1].plot([float(f) for f in fr], [rob["masking"][f] for f in fr], "o-", label=name)
         eps = sorted(rob["pgd"], key=float)
         axes[2].plot([float(e) for e in eps], [rob["pgd"][e] for e in eps], "o-", label=name)
-    _finish(fig, axes, [("severity", "top-1, mean over corruptions"), ("fraction of masked cells", "top-1"),
-                        ("PGD L-inf eps (x 1/255)", "top-1")], path)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax, title in zip(axes, ("common corruptions", "masked input cells", "L-inf PGD attack")):
+        ax.set_title(title, fontsize=9)
+    _finish(fig, axes, [("severity (1-5)", "top-1 (fraction), mean over corruptions"),
+                        ("fraction of masked cells", "top-1 (fraction)"), ("PGD eps (x 1/255)", "top-1 (fraction)")],
+            path)
 
 
 def _finish(fig, axes, labels, path):
     for ax, (x, y) in zip(axes, labels):
         ax.set(xlabel=x, ylabel=y)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

@@ -82,7 +82,7 @@ def uint8_hwc_to_normalized(x, memory_format=torch.channels_last):
 
 
 def byol_view_augments(p_blur=(1.0, 0.1), p_solarize=(0.0, 0.2), **common):
-    """BYOL's two asymmetric views (COSSL_NOTES §5)."""
+    """BYOL's two asymmetric views (docs/METHOD_NOTES.md §5)."""
     return tuple(ViewAugment(p_blur=b, p_solarize=s, **common) for b, s in zip(p_blur, p_solarize))
 
 

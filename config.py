@@ -15,12 +15,14 @@ Usage:
 import math
 import os
 import re
+import textwrap
 
 import yaml
 from fastargs import Param, Section
 from fastargs.config import Config
 from fastargs.validation import Checker
 
+VERSION = "0.5.0"  # the project's version (pyproject.toml and CHANGELOG.md say the same; a test checks)
 REPO = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 IMAGENET100_CLASSES = os.path.join(REPO, "data", "imagenet100_classes.txt")
@@ -93,6 +95,18 @@ class StrictBool(Checker):
 
     def help(self):
         return "a boolean (1/0/true/false)"
+
+
+class BoolOrAuto(StrictBool):
+    """A boolean, or the word 'auto' (kept as the string 'auto')."""
+
+    def check(self, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return super().check(value)
+
+    def help(self):
+        return "1/0/true/false or auto"
 
 
 class Choice(Checker):
@@ -170,8 +184,16 @@ def _range_help(lo, hi):
 # ---------------------------------------------------------------------------------------------------------------
 # The sections. Defaults are the embedded default (Fashion-MNIST), so `write_ffcv.py` with no --config writes it.
 
+SECTIONS = {}  # section -> its one-line description, in declaration order (for --help)
+
+
+def _section(cfg, name, description):
+    SECTIONS[name] = description
+    return Section(name, description, config_descriptor=cfg)
+
+
 def _declare(cfg):
-    Section("data", "Dataset source and beton location (both scripts)", config_descriptor=cfg).params(
+    _section(cfg, "data", "Dataset source and beton location (both scripts)").params(
         source=Param(Choice("fashion_mnist", "imagenet100", "imagefolder", "synthetic"),
                      "where images come from", default="fashion_mnist"),
         root=Param(Text(), "dataset root: ImageNet root holding train/ and val/ (imagenet100, imagefolder), "
@@ -188,7 +210,7 @@ def _declare(cfg):
         decode=Param(Choice("cpu", "gpu"), "cpu: FFCV decodes and crops on the host; gpu: FFCV reads bytes, the GPU "
                      "decodes each image once (nvJPEG) and kernels/crop.py cuts every view", default="cpu"),
     )
-    Section("writer", "How write_ffcv.py encodes the beton", config_descriptor=cfg).params(
+    _section(cfg, "writer", "How write_ffcv.py encodes the beton").params(
         write_mode=Param(Choice("raw", "jpg", "proportion", "smart"),
                          "raw pixels, JPEG, a random proportion of JPEGs, or JPEG only where raw is much larger",
                          default="raw"),
@@ -213,11 +235,13 @@ def _declare(cfg):
 
 
     # ---- trainer (train_coss.py). Defaults: the CPU demo on Fashion-MNIST (CO-BYOL, width-16 ResNet-18, 32 px).
-    Section("model", "Backbone", config_descriptor=cfg).params(
+    _section(cfg, "model", "Backbone").params(
         backbone=Param(Text(), "preset of rf_resnet.py (python rf_resnet.py --list)", default="resnet18_w16_cifar"),
         width=Param(StrictInt(0), "stage-1 channels; 0 = the preset's", default=0),
+        init=Param(Text(), "start the backbone from this torchvision-format state_dict (.pt; its fc.* keys are "
+                   "dropped, every other key must match); empty = random init", default=""),
     )
-    Section("method", "SSL method and heads", config_descriptor=cfg).params(
+    _section(cfg, "method", "SSL method and heads").params(
         name=Param(Choice("byol", "co_byol", "simclr", "co_simclr"), "base method", default="co_byol"),
         logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
         w_s=Param(StrictFloat(0.0), "weight of the local term (0.2: the CPU demo; in100 configs: 0.5)",
@@ -238,7 +262,7 @@ def _declare(cfg):
         logo_clip=Param(StrictFloat(0.0), "LoGo: instead of lambda, clip L_ll's gradient norm to this x the main "
                         "loss's (the public MoCo code: 0.015); 0 = off", default=0.0),
     )
-    Section("augment", "Views (train loader)", config_descriptor=cfg).params(
+    _section(cfg, "augment", "Views (train loader)").params(
         res=Param(StrictInt(8), "side of each view, px (the final one if progressive)", default=32),
         res_start=Param(StrictInt(0), "progressive resolution: side at epoch 0 (0 = off)", default=0),
         res_ramp_epochs=Param(StrictInt(0), "progressive: epochs to go from res_start to res", default=0),
@@ -246,10 +270,10 @@ def _declare(cfg):
         interpolation=Param(Choice("area", "bilinear"), "crop resize: FFCV INTER_AREA or our bilinear",
                             default="area"),
         p_jitter=Param(StrictFloat(0.0, 1.0), "colour jitter probability", default=0.8),
-        brightness=Param(StrictFloat(0.0), "", default=0.4),
-        contrast=Param(StrictFloat(0.0), "", default=0.4),
-        saturation=Param(StrictFloat(0.0), "", default=0.2),
-        hue=Param(StrictFloat(0.0, 0.5), "", default=0.1),
+        brightness=Param(StrictFloat(0.0), "colour jitter: brightness factor range 1 +- this", default=0.4),
+        contrast=Param(StrictFloat(0.0), "colour jitter: contrast factor range 1 +- this", default=0.4),
+        saturation=Param(StrictFloat(0.0), "colour jitter: saturation factor range 1 +- this", default=0.2),
+        hue=Param(StrictFloat(0.0, 0.5), "colour jitter: hue shift range +- this (of a full turn)", default=0.1),
         p_gray=Param(StrictFloat(0.0, 1.0), "grayscale probability", default=0.2),
         p_blur1=Param(StrictFloat(0.0, 1.0), "blur probability, view 1", default=1.0),
         p_blur2=Param(StrictFloat(0.0, 1.0), "blur probability, view 2 (BYOL: 0.1; the demo 0.5)", default=0.5),
@@ -257,13 +281,17 @@ def _declare(cfg):
         p_solarize2=Param(StrictFloat(0.0, 1.0), "solarize probability, view 2", default=0.2),
         workers=Param(StrictInt(1), "FFCV loader threads", default=2),
     )
-    Section("optim", "Optimisation", config_descriptor=cfg).params(
+    _section(cfg, "optim", "Optimisation").params(
         batch_size=Param(StrictInt(2), "images per step per process", default=64),
-        epochs=Param(StrictInt(1), "", default=3),
+        epochs=Param(StrictInt(1), "passes over the training images (ignored when optim.minutes is set)",
+                     default=3),
+        minutes=Param(StrictFloat(0.0), "training budget in minutes: the step count is set from the throughput of "
+                      "the first steps (timed, then undone), so the lr and tau schedules run whole; the last epoch "
+                      "may be partial; 0 = train optim.epochs", default=0.0),
         lr=Param(StrictFloat(0.0), "base lr per 256 images (x batch_size * world / 256)", default=0.6),
         warmup_epochs=Param(StrictFloat(0.0), "linear warm-up, then cosine to 0", default=0.2),
         weight_decay=Param(StrictFloat(0.0), "not applied to biases and norms", default=5e-4),
-        momentum=Param(StrictFloat(0.0, 1.0), "", default=0.9),
+        momentum=Param(StrictFloat(0.0, 1.0), "SGD/LARS momentum (AdamW: beta1)", default=0.9),
         optimizer=Param(Choice("lars", "adamw"), "lars: LARS / SGD with momentum (see lars_eta); adamw: AdamW, "
                         "same groups (no decay on biases and norms), betas (momentum, 0.999)", default="lars"),
         lars_eta=Param(StrictFloat(0.0), "LARS trust coefficient (0 = SGD with momentum)", default=0.0),
@@ -272,9 +300,10 @@ def _declare(cfg):
         predictor_lr_mult=Param(StrictFloat(0.0), "lr multiplier of the BYOL predictors (global and local)",
                                 default=1.0),
     )
-    Section("training", "Run control", config_descriptor=cfg).params(
-        seed=Param(StrictInt(0), "", default=0),
-        device=Param(Choice("auto", "cpu", "cuda"), "", default="auto"),
+    _section(cfg, "training", "Run control").params(
+        seed=Param(StrictInt(0), "seed of weights, loader order, augmentations and the train_images subset",
+                   default=0),
+        device=Param(Choice("auto", "cpu", "cuda"), "auto = CUDA when visible, else the CPU", default="auto"),
         compile=Param(StrictBool(), "torch.compile the forward and the loss as one graph: online and target networks, "
                       "the method's losses, and their backward", default=False),
         compile_mode=Param(Choice("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -290,7 +319,9 @@ def _declare(cfg):
         out_dir=Param(Text(), "runs are written to <out_dir>/<run_name>", default="runs"),
         run_name=Param(Text(), "empty = <method>_<backbone>_s<seed>", default=""),
         checkpoint_every=Param(StrictInt(1), "epochs between checkpoints (and the last one)", default=1),
-        resume=Param(StrictBool(), "continue from <run>/checkpoint.pt if present", default=False),
+        resume=Param(BoolOrAuto(), "1: continue from <run>/checkpoint.pt (an error if there is none); auto: continue "
+                     "if there is one, else start fresh (for cluster requeues); with no run_name, <run> is the newest "
+                     "folder of this method, backbone and seed", default=False),
         log_every=Param(StrictInt(1), "steps between log lines", default=20),
         nan_check_every=Param(StrictInt(0), "steps between looks at the NaN/inf flag of the loss (each a host sync; "
                               "1 = before every update; 0 = with the log rows, every log_every steps; always at an "
@@ -301,7 +332,7 @@ def _declare(cfg):
         kernels=Param(Choice("auto", "triton", "ref"), "fused Triton ops (kernels/): auto = on CUDA, the PyTorch "
                       "references on CPU; ref = always the references", default="auto"),
     )
-    Section("eval", "kNN monitor and linear probes (val beton)", config_descriptor=cfg).params(
+    _section(cfg, "eval", "kNN monitor and linear probes (val beton)").params(
         every=Param(StrictInt(0), "epochs between kNN evaluations (0 = only at the end)", default=0),
         k=Param(StrictInt(1), "kNN neighbours", default=20),
         t=Param(StrictFloat(1e-4), "kNN temperature", default=0.07),
@@ -314,17 +345,17 @@ def _declare(cfg):
         random_init=Param(StrictBool(), "also evaluate the untrained network (the demo's baseline)", default=True),
     )
     # ---- evaluation suite (evaluate.py --ckpt RUN). Defaults: sized for the CPU demo's checkpoints.
-    Section("linear", "Offline linear evaluation on frozen features (evaluate.py)", config_descriptor=cfg).params(
+    _section(cfg, "linear", "Offline linear evaluation on frozen features (evaluate.py)").params(
         train_images=Param(StrictInt(0), "train images whose centre-crop features train the head: a random subset, "
                                           "seed 0 (0 = all)",
                            default=0),
         epochs=Param(StrictInt(1), "epochs of SGD over the precomputed features", default=100),
-        batch_size=Param(StrictInt(1), "", default=256),
+        batch_size=Param(StrictInt(1), "SGD batch of the offline linear head", default=256),
         lr=Param(StrictFloat(0.0), "peak lr per 256 (cosine to 0)", default=0.1),
-        weight_decay=Param(StrictFloat(0.0), "", default=0.0),
+        weight_decay=Param(StrictFloat(0.0), "weight decay of the offline linear head", default=0.0),
         knn_k=Param(FloatList(1), "kNN neighbour counts reported", default="20,200"),
     )
-    Section("robust", "Robustness of backbone + linear head (evaluate.py)", config_descriptor=cfg).params(
+    _section(cfg, "robust", "Robustness of backbone + linear head (evaluate.py)").params(
         images=Param(StrictInt(1), "val images used for every robustness probe: a random subset, seed 0",
                      default=1000),
         corruptions=Param(NameList("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast",
@@ -340,7 +371,7 @@ def _declare(cfg):
         pgd_steps=Param(StrictInt(1), "PGD iterations", default=10),
         seed=Param(StrictInt(0), "noise and masks", default=0),
     )
-    Section("analysis", "Local/global analyses and pictures (evaluate.py)", config_descriptor=cfg).params(
+    _section(cfg, "analysis", "Local/global analyses and pictures (evaluate.py)").params(
         pairs=Param(StrictInt(2), "random val image pairs in the global-vs-local similarity scatter", default=500),
         erf_image=Param(StrictInt(0), "index of the val image whose effective receptive fields are drawn",
                         default=0),
@@ -466,3 +497,37 @@ def as_dict(cfg):
     for key in cfg.entries:
         out.setdefault(key[0], {})[".".join(key[1:])] = cfg[key]
     return out
+
+
+def _show(value):
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def help_text(sections):
+    """Every key of `sections` with its type, default and meaning, generated from the declarations above (the one
+    source for --help of write_ffcv.py, train_coss.py and evaluate.py)."""
+    cfg = new_config()
+    lines = ["config keys (set in the YAML file as 'section: key: value', or on the command line as "
+             "--section.key=value; the command line wins):"]
+    for section in sections:
+        lines.append(f"\n  {section}: {SECTIONS[section]}")
+        for key, param in cfg.entries.items():
+            if key[0] != section:
+                continue
+            name = ".".join(key)
+            lines.append(f"    --{name}  ({param.checker.help()}; default {_show(cfg[key])})")
+            if param.desc:
+                lines += textwrap.wrap(param.desc, 118, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return "\n".join(lines)
+
+
+def print_config(cfg, sections=None, stream=None):
+    """The resolved config as YAML (the sections a script reads), loadable again with --config."""
+    import sys
+    tree = {sec: {k: (list(v) if isinstance(v, tuple) else v) for k, v in keys.items()}
+            for sec, keys in as_dict(cfg).items() if sections is None or sec in sections}
+    (stream or sys.stdout).write(yaml.safe_dump(tree, sort_keys=False, default_flow_style=False))

@@ -15,6 +15,7 @@ to the training resolution (augment.res).
 """
 import argparse
 import json
+import shlex
 import os
 import sys
 import time
@@ -172,6 +173,10 @@ def load_backbone(ckpt, device):
     return backbone.to(device, memory_format=torch.channels_last).eval(), ck["config"]
 
 
+# the sections only the suite reads (it also takes the run's data, model, augment and eval settings)
+EVAL_SECTIONS = ("linear", "robust", "analysis")
+
+
 class EvalError(RuntimeError):
     """One line for the user (bad checkpoint, missing beton)."""
 
@@ -251,7 +256,7 @@ def robustness(cfg, classify, x, y, device, log=print):
     for name in cfg["robust.corruptions"]:
         out["corruptions"][name] = {str(s): accuracy(lambda b, _, s=s: corrupt(b, name, s, g))
                                     for s in range(1, cfg["robust.severities"] + 1)}
-        log(f"  {name}: " + " ".join(f"{v:.3f}" for v in out["corruptions"][name].values()))
+        log(f"  {name}, top-1 at severity " + ", ".join(f"{k}: {v:.3f}" for k, v in out["corruptions"][name].items()))
     for f in cfg["robust.mask_fractions"]:
         out["masking"][f"{f:g}"] = accuracy(lambda b, _, f=f: mask_patches(b, f, cfg["robust.mask_patch"],
                                                                              cfg["robust.mask_fill"], g))
@@ -263,9 +268,11 @@ def robustness(cfg, classify, x, y, device, log=print):
     return out
 
 
-def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print):
+def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print, name=None):
     """The whole suite on one checkpoint: kNN (each linear.knn_k), offline linear evaluation (top-1/top-5),
-    robustness, analyses; writes eval.json, eval.md and PNGs into out_dir. Returns the results dict."""
+    robustness, analyses; writes eval.json, eval.md, the PNGs (titled `name`, default the run folder's name) and
+    analysis.npz (what the PNGs show, so a report can redraw them under other names) into out_dir. Returns the
+    results dict."""
     from analyses import effective_receptive_fields, global_local_similarity, plot_erf, plot_similarity
     from augment import normalize
     from write_ffcv import read_beton_info
@@ -282,7 +289,7 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print):
     backbone.eval()
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     out = {"checkpoint": os.path.abspath(ckpt), "config": {s: run_cfg.get(s) for s in ("model", "method")},
-           "images": {"train": len(train_f), "val": len(val_f)}, "knn": {}}
+           "settings": eval_settings(cfg), "images": {"train": len(train_f), "val": len(val_f)}, "knn": {}}
     bank, query = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
     for k in cfg["linear.knn_k"]:
         out["knn"][str(int(k))] = knn_accuracy(bank, train_y, query, val_y, num_classes, int(k), cfg["eval.t"])
@@ -290,7 +297,8 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print):
                         cfg["linear.lr"], cfg["linear.weight_decay"])
     with torch.no_grad():
         out["linear"] = topk(head(val_f), val_y)
-    log(f"kNN {out['knn']}  linear {out['linear']}  ({time.perf_counter() - t0:.0f} s)")
+    log("kNN top-1 " + ", ".join(f"(k={k}) {v:.4f}" for k, v in out["knn"].items()) + "; linear "
+        + ", ".join(f"{k} {v:.4f}" for k, v in out["linear"].items()) + f" ({time.perf_counter() - t0:.0f} s)")
 
     head = head.to(device)
 
@@ -298,15 +306,17 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print):
         return head(backbone(normalize(x01))[1].float())
     x, y = val_images(cfg, paths["val"], cfg["robust.images"], res)
     out["robustness"] = robustness(cfg, classify, x, y, device, log)
-    log(f"robustness: clean {out['robustness']['clean']:.3f} masking {out['robustness']['masking']} "
-        f"pgd {out['robustness']['pgd']} ({time.perf_counter() - t0:.0f} s)")
+    rob = out["robustness"]
+    log(f"robustness, top-1: clean {rob['clean']:.3f}; masked cells (fraction: top-1) "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in rob["masking"].items()) + "; PGD (eps/255: top-1) "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in rob["pgd"].items()) + f" ({time.perf_counter() - t0:.0f} s)")
 
     xs = uint8_hwc_to_normalized(x.to(device))
     glob, local, r, redundancy = global_local_similarity(backbone, xs, cfg["analysis.pairs"],
                                                          torch.Generator().manual_seed(0))
     out["analysis"] = {"pearson_global_local": r, "local_redundancy": redundancy,
                        "mean_global_cos": float(glob.mean()), "mean_local_cos": float(local.mean())}
-    name = os.path.basename(os.path.normpath(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt)))
+    name = name or os.path.basename(os.path.normpath(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt)))
     plot_similarity(glob, local, r, os.path.join(out_dir, "similarity.png"), name)
     i = min(cfg["analysis.erf_image"], len(x) - 1)
     with torch.no_grad():
@@ -314,13 +324,36 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print):
     locations = [(hw[0] // 4, hw[1] // 4), (hw[0] // 4, 3 * hw[1] // 4), (3 * hw[0] // 4, hw[1] // 4),
                  (3 * hw[0] // 4, 3 * hw[1] // 4)]
     maps = effective_receptive_fields(backbone, xs[i:i + 1].float(), locations)
-    plot_erf(x[i].numpy(), maps.cpu(), locations, tuple(hw), os.path.join(out_dir, "erf.png"), name)
+    plot_erf(x[i].numpy(), maps.cpu(), locations, backbone.layout, os.path.join(out_dir, "erf.png"), name)
+    tmp = os.path.join(out_dir, f"analysis.tmp-{os.getpid()}.npz")
+    np.savez(tmp, glob=glob.cpu().numpy(), local=local.cpu().numpy(), r=r, image=x[i].numpy(),
+             maps=maps.cpu().numpy(), locations=np.array(locations))
+    os.replace(tmp, os.path.join(out_dir, "analysis.npz"))
     out["seconds"] = time.perf_counter() - t0
     _write_json(os.path.join(out_dir, "eval.json"), out)
     with open(os.path.join(out_dir, "eval.md"), "w") as fh:
         fh.write(markdown_tables({name: out}))
-    log(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    log(f"wrote {out_dir}/: eval.json (every number and the settings), eval.md (tables), similarity.png, erf.png, "
+        f"analysis.npz (the pictures' data)")
     return out
+
+
+def eval_settings(cfg):
+    """What an evaluation's numbers depend on besides the weights: stored in eval.json, so that --compare can tell
+    whether a stored evaluation answers the question asked now."""
+    from config import as_dict
+    d = json.loads(json.dumps(as_dict(cfg)))  # tuples as lists, as they come back from the file
+    return {"data": {k: d["data"][k] for k in ("beton_dir", "name")}, "augment": {"res": d["augment"]["res"]},
+            "eval": {k: d["eval"][k] for k in ("t", "val_images", "crop_ratio")},
+            **{section: d[section] for section in EVAL_SECTIONS}}
+
+
+def settings_differ(stored, wanted):
+    """['linear.epochs: 100 stored, 30 asked', ...] (empty when equal; an eval.json without settings differs)."""
+    if stored is None:
+        return ["no settings recorded (an older eval.json)"]
+    return [f"{sec}.{k}: {stored.get(sec, {}).get(k)!r} stored, {v!r} asked" for sec, keys in wanted.items()
+            for k, v in keys.items() if stored.get(sec, {}).get(k) != v]
 
 
 def markdown_tables(results):
@@ -358,30 +391,43 @@ def markdown_tables(results):
     return "\n".join(lines) + "\n"
 
 
-def compare(runs, names, out_dir, overrides=(), device="cpu", log=print):
-    """Side-by-side report of runs: evaluates each (or reuses its <run>/eval/eval.json), then writes
-    out_dir/report.md with training curves, the metric tables and robustness plots."""
-    import shutil
-
+def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command=None):
+    """Side-by-side report of runs: evaluates each (or reuses its <run>/eval/eval.json when it was made with the
+    settings asked now; otherwise evaluates again and says why), then writes out_dir/report.md with training curves,
+    the metric tables and robustness plots. `command`: the command line for the report's "made by" line."""
     from analyses import plot_curves, plot_robustness
     os.makedirs(out_dir, exist_ok=True)
     results, logs = {}, {}
     for run, name in zip(runs, names):
         eval_dir = os.path.join(run, "eval")
         path = os.path.join(eval_dir, "eval.json")
-        results[name] = (json.load(open(path)) if os.path.isfile(path)
-                         else evaluate_checkpoint(run, eval_dir, overrides, device, log))
-        for png in ("similarity.png", "erf.png"):
-            shutil.copyfile(os.path.join(eval_dir, png), os.path.join(out_dir, f"{name}_{png}"))
+        stored = json.load(open(path)) if os.path.isfile(path) else None
+        if stored is not None:
+            ck_path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+            differ = settings_differ(stored.get("settings"),
+                                     eval_settings(run_config(read_checkpoint(ck_path)["config"], overrides)))
+            if differ:
+                log(f"{path} was made with other settings ({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''})"
+                    f"; evaluating {run} again")
+                stored = None
+            else:
+                log(f"{name}: reusing {path} (same settings)")
+        results[name] = (stored if stored is not None else
+                         evaluate_checkpoint(run, eval_dir, overrides, device, log, name=name))
+        redraw(eval_dir, results[name], name, out_dir)
         log_path = os.path.join(run, "log.jsonl")
         logs[name] = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
         ck = os.path.join(run, "checkpoint.pt")
         rnd = read_checkpoint(ck).get("results", {}).get("random_init") if os.path.isfile(ck) else None
         if rnd:  # the untrained network's kNN, drawn at epoch 0
             logs[name].insert(0, {"epoch": -1, "knn": rnd["knn"]})
-    plot_curves(logs, os.path.join(out_dir, "curves.png"))
+    plot_curves(logs, os.path.join(out_dir, "curves.png"),
+                {name: results[name]["config"]["method"] for name in names})
     plot_robustness(results, os.path.join(out_dir, "robustness.png"))
-    md = [f"# {' vs '.join(names)}", "", "Made by `python evaluate.py --compare " + " ".join(runs) + "`.", "",
+    if command is None:
+        command = shlex.join(["python", "evaluate.py", "--compare", *runs, "--names", *names, "--out", out_dir,
+                              *overrides])
+    md = [f"# {' vs '.join(names)}", "", f"Made by `{command}`.", "",
           "![training curves](curves.png)", "", markdown_tables(results), "![robustness](robustness.png)", ""]
     for name in names:
         md += [f"**{name}**: global vs local similarity of image pairs, and effective receptive fields of four "
@@ -390,8 +436,29 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print):
     with open(tmp, "w") as fh:
         fh.write("\n".join(md))
     os.replace(tmp, os.path.join(out_dir, "report.md"))
-    log(f"wrote {os.path.join(out_dir, 'report.md')}")
+    log(f"wrote {out_dir}/: report.md, curves.png, robustness.png, "
+        + ", ".join(f"{n}_similarity.png, {n}_erf.png" for n in names))
     return results
+
+
+def redraw(eval_dir, result, name, out_dir):
+    """A run's similarity and ERF pictures, titled `name`, into out_dir/<name>_*.png (from its analysis.npz; an
+    evaluation made before that file existed has its PNGs copied as they are)."""
+    import shutil
+
+    from analyses import plot_erf, plot_similarity
+    from rf_resnet import get_layout
+    data = os.path.join(eval_dir, "analysis.npz")
+    if not os.path.isfile(data):
+        for png in ("similarity.png", "erf.png"):
+            shutil.copyfile(os.path.join(eval_dir, png), os.path.join(out_dir, f"{name}_{png}"))
+        return
+    d = np.load(data)
+    model = result["config"]["model"]
+    layout = get_layout(model["backbone"], **({"width": model["width"]} if model.get("width") else {}))
+    plot_similarity(d["glob"], d["local"], float(d["r"]), os.path.join(out_dir, f"{name}_similarity.png"), name)
+    plot_erf(d["image"], d["maps"], [tuple(int(v) for v in loc) for loc in d["locations"]], layout,
+             os.path.join(out_dir, f"{name}_erf.png"), name)
 
 
 def _write_json(path, obj):
@@ -402,16 +469,29 @@ def _write_json(path, obj):
 
 
 def main(argv=None):
+    from config import help_text, print_config
     p = argparse.ArgumentParser(description="Evaluate train_coss.py checkpoints: kNN, linear evaluation, "
-                                            "robustness, analyses; or compare runs side by side.")
+                                            "robustness, analyses; or compare runs side by side. The run's own "
+                                            "config is used; --section.key=value overrides it.",
+                                epilog=help_text(("data", "augment", "eval") + EVAL_SECTIONS),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a run folder (or its checkpoint.pt) to evaluate")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="run folders to put side by side")
     p.add_argument("--names", nargs="+", help="labels for --compare (default: folder names)")
     p.add_argument("--out", help="output folder (default: <run>/eval, or reports/<names> for --compare)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the evaluation config of --ckpt (the run's settings and the overrides) and exit")
     args, overrides = p.parse_known_args(argv)
     quiet_numba_finalizers()
     try:
+        if args.print_config:
+            if not args.ckpt:
+                raise EvalError("--print-config needs --ckpt RUN (the run whose config is the starting point)")
+            path = os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt
+            print_config(run_config(read_checkpoint(path)["config"], overrides),
+                         ("data", "model", "augment", "eval") + EVAL_SECTIONS)
+            return 0
         if bool(args.ckpt) == bool(args.compare):
             raise EvalError("give --ckpt RUN or --compare RUN_A RUN_B ...")
         if args.ckpt:
@@ -423,7 +503,8 @@ def main(argv=None):
             if len(names) != len(args.compare):
                 raise EvalError(f"--names gives {len(names)} labels for {len(args.compare)} runs")
             compare(args.compare, names, args.out or os.path.join("reports", "_vs_".join(names)), overrides,
-                    args.device)
+                    args.device, command=shlex.join(["python", "evaluate.py", *(sys.argv[1:] if argv is None
+                                                                                else argv)]))
     except (EvalError, ConfigError, CheckpointError, BetonError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

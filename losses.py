@@ -1,4 +1,4 @@
-"""CO-SSL losses as pure functions of tensors (no config, no state). Definitions: ../COSSL_NOTES §1-3, README.
+"""CO-SSL losses as pure functions of tensors (no config, no state). Definitions: docs/METHOD_NOTES.md §1-3, README.
 
 Notation: B images on this rank, N on all ranks, L locations per view, D embedding dim.
   d(a, b) = 2 - 2 cos(a, b)                                  (BYOL's normalised regression)

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import ViewAugment
-from config import ConfigError, as_dict, load_config
+from config import VERSION as __version__
+from config import ConfigError, as_dict, help_text, load_config, print_config
 from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
 from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
                     local_global_regression, logo_affinity_losses, mix, nt_xent)
@@ -39,6 +40,7 @@ from rf_resnet import build_backbone, memory_format
 from write_ffcv import BetonError, quiet_numba_finalizers
 
 DEMO_CONFIG = "configs/fmnist.yaml"
+CONFIG_SECTIONS = ("data", "model", "method", "augment", "optim", "training", "eval")  # what train_coss reads
 
 
 class TrainingError(RuntimeError):
@@ -53,7 +55,8 @@ def setup_distributed(device_pref):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("training.device=cuda but no CUDA device is visible")
+        raise TrainingError("training.device=cuda but no CUDA device is visible to torch; run on the CPU with "
+                            "--training.device=cpu (or auto, which takes CUDA when there is one)")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -62,12 +65,30 @@ def setup_distributed(device_pref):
     return rank, world, device
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather with a backward (torch.distributed.nn.functional.all_gather does this too, but warns that it is
+    deprecated): forward concatenates every rank's rows; backward sums the gradient of the whole gathered tensor over
+    ranks and hands each rank the rows of its own input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's rows
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
 def gather_with_grad(x):
     """All ranks' rows of x, concatenated in rank order, with gradient flowing back to each rank's rows."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherRows.apply(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +198,8 @@ def resolution_at(cfg, epoch):
 def build_model(cfg, num_classes, device):
     width = cfg["model.width"]
     backbone = build_backbone(cfg["model.backbone"], **({"width": width} if width else {}))
+    if cfg["model.init"]:
+        load_init(backbone, cfg["model.init"])
     online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
                     cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"])
     target = TargetNet(online) if cfg["method.name"] in BYOL_FAMILY else None
@@ -187,6 +210,31 @@ def build_model(cfg, num_classes, device):
     for m in mods:
         m.to(device=device, memory_format=fmt)
     return online, target, probe, affinity
+
+
+def load_init(backbone, path):
+    """model.init: torchvision-format weights (a state_dict, or a dict holding one under 'state_dict'/'model') into
+    the backbone before the target copies it; the classifier (fc.*) is dropped on purpose, every other key must
+    match in name and shape."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"model.init: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainingError(f"model.init: {path} is not a torch state_dict ({str(e).splitlines()[0][:120]})") \
+            from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TrainingError(f"model.init: {path} holds no state_dict of tensors")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise TrainingError(f"model.init: {path} does not fit model.backbone ({detail[:300]})") from None
 
 
 def param_groups(model, weight_decay, predictor_lr_mult=1.0):
@@ -404,7 +452,8 @@ class Run:
         self.cfg, self.device, self.world = cfg, device, world
         self.loader, self.decoders, self.num_train = loader, decoders, num_train
         self.steps_per_epoch = len(loader) if loader is not None else 1
-        self.total_steps = cfg["optim.epochs"] * self.steps_per_epoch
+        self.total_steps = cfg["optim.epochs"] * self.steps_per_epoch  # optim.minutes: set by calibrate()
+        self.budgeted = False                                             # True once a time budget set it
         self.warmup_steps = cfg["optim.warmup_epochs"] * self.steps_per_epoch
         self.res, self.epoch, self.global_step = resolution_at(cfg, 0), 0, 0  # global_step: updates done so far
         self.make_views = view_maker(cfg, device)
@@ -446,6 +495,15 @@ class Run:
         self._side = torch.cuda.Stream(device) if device.type == "cuda" and self.prefetch else None
 
     # -- schedules and inputs
+
+    @property
+    def epochs(self):
+        """Epochs the run spans (the last may be partial under optim.minutes)."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def set_total_steps(self, total):
+        """The run's length in steps, from a time budget: the lr and tau schedules are stretched to it."""
+        self.total_steps, self.budgeted = int(total), True
 
     def lr(self, step):
         return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
@@ -560,7 +618,8 @@ class Run:
         self.probe_opt.step()
         if self.target is not None:
             ema_update(self.target.tracked(), self.target.online_part(online), tau)
-        if self.check_every > 1 and (step % self.check_every == 0 or step % self.steps_per_epoch == 0):
+        if self.check_every > 1 and (step % self.check_every == 0 or step % self.steps_per_epoch == 0
+                                     or step == self.total_steps):
             self.check_finite()
         return terms, probe_logits
 
@@ -579,7 +638,7 @@ class Run:
         return {"online": self.online.state_dict(), "target": opt(self.target), "probe": self.probe.state_dict(),
                 "opt": self.opt.state_dict(), "probe_opt": self.probe_opt.state_dict(),
                 "affinity": opt(self.affinity), "aff_opt": opt(self.aff_opt), "step": self.global_step,
-                "rng": rng_state()}
+                "rng": rng_state(), "budget_steps": self.total_steps if self.budgeted else None}
 
     def load_state_dict(self, ck):
         self.online.load_state_dict(ck["online"])
@@ -593,6 +652,9 @@ class Run:
             self.aff_opt.load_state_dict(ck["aff_opt"])
         self.global_step = self.checked = ck["step"]
         self.checked += 1
+        self.nonfinite.zero_()
+        if ck.get("budget_steps") and self.cfg["optim.minutes"]:  # a budgeted run keeps the length it measured
+            self.set_total_steps(ck["budget_steps"])
         set_rng_state(ck["rng"])
 
 
@@ -611,6 +673,92 @@ def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes
         indices = seeded_subset(total, num_train, cfg["training.seed"])
         loader, decoders = train_loader(cfg, train_path, indices, world, resolution_at(cfg, 0))
     return Run(cfg, device, world, loader, decoders, num_train, num_classes)
+
+
+CALIBRATION_STEPS = (3, 20)  # optim.minutes: untimed first steps (compilation, caches), then timed steps
+
+
+def calibrate(run, minutes, log=print):
+    """optim.minutes: times the run's first steps (after a few untimed ones), sets the step count that fits the
+    budget, then undoes those steps (weights, optimisers, random generators, step counter), so what follows is the
+    run of that many steps from its start. At most ~20 s of timing. All ranks step together; rank 0's measurement
+    decides. Returns the images/s measured."""
+    import copy
+    import itertools
+    warm, most = CALIBRATION_STEPS
+    saved = copy.deepcopy(run.state_dict())
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    taken, timed, t0 = 0, 0, None
+    for epoch in itertools.count():  # tiny datasets: the steps may span epochs
+        run.set_epoch(epoch)
+        batches = run.batches()
+        for batch in batches:
+            run.step(batch)
+            taken += 1
+            if taken == warm:
+                sync()
+                t0 = time.perf_counter()
+            elif taken > warm:
+                timed += 1
+                if timed >= most or (timed >= 3 and time.perf_counter() - t0 > 20):
+                    break
+        else:
+            continue
+        batches.close()  # ends the loader's epoch (and the prefetch thread) mid-way
+        break
+    sync()
+    seconds_per_step = (time.perf_counter() - t0) / timed
+    total = [max(1, int(minutes * 60 / seconds_per_step))]
+    if run.world > 1:
+        dist.broadcast_object_list(total, src=0)
+    run.load_state_dict(saved)
+    run.set_total_steps(total[0])
+    rate = run.cfg["optim.batch_size"] * run.world / seconds_per_step
+    log(f"optim.minutes={minutes:g}: {rate:.0f} img/s over {timed} timed steps -> {total[0]} steps "
+        f"({total[0] / run.steps_per_epoch:.2f} epochs); those first steps are undone, the run starts at step 0")
+    return rate
+
+
+def check_schedule(run):
+    """Refuses a warm-up that fills the whole run (the lr would never reach its peak and decay)."""
+    if run.warmup_steps and run.warmup_steps >= run.total_steps:
+        cfg = run.cfg
+        why = f"optim.minutes={cfg['optim.minutes']:g} gives" if run.budgeted else "the run has"
+        raise TrainingError(f"optim.warmup_epochs={cfg['optim.warmup_epochs']:g} is {run.warmup_steps:.0f} steps, but "
+                            f"{why} only {run.total_steps}: lower optim.warmup_epochs"
+                            + (" or raise optim.minutes" if run.budgeted else " or raise optim.epochs"))
+
+
+@torch.no_grad()
+def check_local_map(cfg, backbone, device):
+    """A CO method aligns every location of the feature map with the other view's global representation: refused
+    when the map is 1x1 at the run's (smallest) resolution, where the local term only repeats the global one."""
+    if cfg["method.name"] not in ("co_byol", "co_simclr"):
+        return
+    res = min(r for r in (cfg["augment.res"], cfg["augment.res_start"]) if r)
+    was_training = backbone.training
+    backbone.eval()
+    side = backbone(torch.zeros(1, 3, res, res, device=device))[0].shape[-1]
+    backbone.train(was_training)
+    grid = cfg["method.local_grid"]
+    if grid == 1 or side == 1:
+        why = ("method.local_grid=1 pools the feature map to 1x1" if side > 1 else
+               f"{cfg['model.backbone']} turns a {res} px view into a 1x1 feature map (stride {res}); raise "
+               f"augment.res{' and augment.res_start' if cfg['augment.res_start'] else ''} to at least {2 * res} "
+               f"or choose a backbone with a smaller stride (python rf_resnet.py --list)")
+        raise TrainingError(f"method.name={cfg['method.name']} needs a feature map of at least 2x2 locations, but "
+                            f"{why}; with one location the local term only repeats the global one")
+
+
+def clamp_loader_workers(cfg, log=print):
+    """augment.workers above what numba may use here (the cores, or NUMBA_NUM_THREADS) fails deep in FFCV's
+    loader; it is lowered with one warning line instead."""
+    import numba
+    most = numba.config.NUMBA_NUM_THREADS
+    asked = cfg["augment.workers"]
+    if asked > most:
+        log(f"warning: augment.workers={asked} is more than the {most} threads numba can run here; using {most}")
+        cfg.content[("augment", "workers")] = most
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -764,8 +912,10 @@ def _evaluate(cfg, online, probe, device, num_classes, final, train_path, val_pa
 def train(cfg, on_step=None, log=print):
     """Runs (or resumes) a training run: the loop, evaluations and checkpoints around a Run (build_run). Returns the
     final metrics (rank 0; other ranks get only run_dir and rank). `on_step(step)` is called after every step."""
+    t_start = time.perf_counter()
     rank, world, device = setup_distributed(cfg["training.device"])
     is_main = rank == 0
+    clamp_loader_workers(cfg, log if is_main else (lambda *_: None))
     if cfg["training.threads"]:
         torch.set_num_threads(cfg["training.threads"])
     seed = cfg["training.seed"]
@@ -778,20 +928,30 @@ def train(cfg, on_step=None, log=print):
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
     run = build_run(cfg, device, world, train_path, num_train, num_classes, total_train)
-    epochs, steps_per_epoch = cfg["optim.epochs"], run.steps_per_epoch
+    check_local_map(cfg, run.online.backbone, device)
+    steps_per_epoch = run.steps_per_epoch
     run_dir = run_folder(cfg)
     if world > 1:  # one folder for all ranks (its default name holds rank 0's start time)
         shared = [run_dir]
         dist.broadcast_object_list(shared, src=0)
         run_dir = shared[0]
+    cfg.run_dir = run_dir  # for main's resume line after Ctrl-C
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if os.path.isfile(ckpt_path) and not cfg["training.resume"]:
+    resume = cfg["training.resume"]
+    if os.path.isfile(ckpt_path) and not resume:
         raise TrainingError(f"{run_dir} already holds a run; pass --training.resume=1 to continue it, or choose "
                             f"another training.run_name")
+    if resume is True and not os.path.isfile(ckpt_path):
+        raise TrainingError(f"training.resume=1 but there is no checkpoint to resume ({ckpt_path} does not exist); "
+                            f"drop training.resume to start this run, or pass training.resume=auto to resume when "
+                            f"there is a checkpoint and start fresh otherwise")
+    if resume == "auto":
+        log("training.resume=auto: " + (f"resuming {ckpt_path}" if os.path.isfile(ckpt_path) else
+                                        f"no checkpoint in {run_dir}, starting fresh"))
     run.kept = lambda: kept_checkpoint(ckpt_path)
 
     # random-init baseline (before any step), then resume if asked
-    start_epoch, results, ck = 0, {}, None
+    start_epoch, results, ck, eval_seconds = 0, {}, None, 0.0
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
     if cfg["training.resume"] and os.path.isfile(ckpt_path):
@@ -805,9 +965,24 @@ def train(cfg, on_step=None, log=print):
             _forget_after(os.path.join(run_dir, "log.jsonl"), run.global_step)
         log(f"resumed {ckpt_path} at epoch {start_epoch}, step {run.global_step}")
     elif is_main and cfg["eval.random_init"] and "random_init" not in results:
+        t_eval = time.perf_counter()
         results["random_init"] = evaluate(cfg, run.online.backbone, None, device, num_classes, cfg["augment.res"],
                                           True, train_path, val_path)
-        log(f"random init: knn={results['random_init']['knn']:.4f} probe={results['random_init'].get('probe', 0):.4f}")
+        eval_seconds = time.perf_counter() - t_eval
+        log(f"random init: knn={results['random_init']['knn']:.4f} probe={results['random_init'].get('probe', 0):.4f} "
+            f"({eval_seconds:.0f} s)")
+    if cfg["optim.minutes"] and ck is None:
+        if cfg["training.compile"]:
+            log("compiling the step (the first steps wait for it; a minute or more on a CPU) ...")
+        calibrate(run, cfg["optim.minutes"], log if is_main else (lambda *_: None))
+    check_schedule(run)
+    epochs = run.epochs
+    if is_main:
+        log(f"run {run_dir}: {device}, {num_train} train images, {steps_per_epoch} steps/epoch x {epochs} epochs "
+            f"({run.total_steps} steps, from step {run.global_step}), batch {cfg['optim.batch_size']}"
+            f"{f' x {world} processes' if world > 1 else ''}, compile {'on' if cfg['training.compile'] else 'off'}")
+        if cfg["training.compile"] and not cfg["optim.minutes"]:
+            log("compiling the step (the first step waits for it; a minute or more on a CPU) ...")
     if is_main:
         _write_params(run_dir, cfg, ck)
         with open(os.path.join(run_dir, "env.json"), "w") as fh:
@@ -828,18 +1003,21 @@ def train(cfg, on_step=None, log=print):
     def evaluate_now(final):
         return _evaluate(cfg, run.online, run.probe, device, num_classes, final, train_path, val_path, ckpt_path)
 
+    steps_here, train_seconds, row = 0, 0.0, {}
     try:  # a crash still leaves what was logged on disk
         # Steps are counted from 1 in logs and messages: "step k" is the k-th update (log rows carry the same k).
         for epoch in range(start_epoch, epochs):
             run.set_epoch(epoch)
             t_epoch, seen = time.perf_counter(), 0
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
+            in_epoch = min(steps_per_epoch, run.total_steps - epoch * steps_per_epoch)  # optim.minutes: last partial
+            bar = tqdm(total=in_epoch, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
                        disable=None if is_main else True)  # None: shown on a terminal only
-            for i, batch in enumerate(run.batches()):
+            batches = run.batches()
+            for i, batch in enumerate(batches):
                 terms, probe_logits, labels = run.step(batch)
                 step = run.global_step
                 seen += len(labels) * world
-                if is_main and (step % cfg["training.log_every"] == 0 or i == steps_per_epoch - 1):
+                if is_main and (step % cfg["training.log_every"] == 0 or i == in_epoch - 1):
                     rate = seen / (time.perf_counter() - t_epoch)  # metrics read here only: the steady state has
                     lr = run.lr(step - 1)                           # no host sync of its own
                     row = {"epoch": epoch, "step": step, "lr": lr, "res": run.res, "img_per_s": rate,
@@ -853,7 +1031,19 @@ def train(cfg, on_step=None, log=print):
                 bar.update(1)
                 if on_step is not None:
                     on_step(step)
+                if i == in_epoch - 1:
+                    break
+            batches.close()  # a partial last epoch ends the loader's epoch early
             bar.close()
+            steps_here += in_epoch
+            epoch_seconds = time.perf_counter() - t_epoch
+            train_seconds += epoch_seconds
+            if is_main:
+                left = (run.total_steps - run.global_step) * train_seconds / steps_here
+                ending = f", then the final evaluation (~{eval_seconds:.0f} s)" if eval_seconds else ""
+                log(f"epoch {epoch} done ({epoch + 1}/{epochs}): loss {row.get('loss', float('nan')):.4f}, "
+                    f"{seen / epoch_seconds:.0f} img/s, {epoch_seconds:.0f} s; "
+                    f"{'training done' if left == 0 else f'ETA {left / 60:.1f} min of training'}{ending}")
             # the weights first (only if finite), then the evaluation: a failing evaluation never costs the epoch
             last = epoch == epochs - 1
             if is_main and ((epoch + 1) % cfg["training.checkpoint_every"] == 0 or last):
@@ -875,6 +1065,9 @@ def train(cfg, on_step=None, log=print):
         if tb:
             tb.close()
     results["run_dir"], results["rank"] = run_dir, rank
+    if is_main:
+        log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; run folder {run_dir} (checkpoint.pt, "
+            f"backbone.pt, log.jsonl, params.json, env.json, tb/; curves: python train_coss.py --plot {run_dir})")
     return results
 
 
@@ -892,41 +1085,96 @@ def _tensorboard(run_dir, purge_step=None):
     return SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
 
 
+def cpu_name():
+    """The CPU's model name and its widest vector ISA (numbers measured on a CPU depend on both)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    isa = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
+    return f"{name} ({isa})"
+
+
+def git_commit():
+    """The code's commit (with '+changes' when the tree differs from it), or None outside a git checkout."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+changes" if dirty else "")) or None
+
+
 def environment(device, world):
     import ffcv
-    env = {"python": platform.python_version(), "torch": torch.__version__, "ffcv": "1.0.2",
-           "numpy": np.__version__, "platform": platform.platform(), "cpus": os.cpu_count(), "world_size": world,
-           "device": str(device), "ffcv_module": ffcv.__file__}
+    env = {"version": __version__, "git_commit": git_commit(), "python": platform.python_version(),
+           "torch": torch.__version__, "ffcv": "1.0.2", "numpy": np.__version__, "platform": platform.platform(),
+           "cpu": cpu_name(), "cpus": os.cpu_count(), "world_size": world, "device": str(device),
+           "ffcv_module": ffcv.__file__}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     return env
 
 
 def plot(run_dir):
-    """PNG curves of loss, lr, kNN and probe accuracy from log.jsonl."""
+    """PNG curves of a run from log.jsonl: loss terms and lr against step, kNN and probe accuracies against epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
-    panels = [("loss", ["loss", "global", "local"]), ("lr", ["lr"]), ("accuracy", ["knn", "online_probe", "probe"])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, (title, keys) in zip(axes, panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if title == "accuracy" else None, label=k)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for k in ("loss", "global", "local", "global_global", "local_global", "local_local"):
+        pts = [(r["step"], r[k]) for r in rows if k in r and "lr" in r]
+        if pts:
+            axes[0].plot(*zip(*pts), label=k, lw=1)
+    pts = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    if pts:
+        axes[1].plot(*zip(*pts), lw=1)
+    for k in ("knn", "probe", "online_probe"):  # evaluation rows: one per evaluated epoch
+        pts = [(r["epoch"] + 1, r[k]) for r in rows if k in r and "lr" not in r]
+        if pts:
+            axes[2].plot(*zip(*pts), "o-", label=k)
+    for ax, title, x, y in ((axes[0], "training loss", "step", "loss (objective's own units)"),
+                            (axes[1], "learning rate", "step", "lr (per step)"),
+                            (axes[2], "val accuracy", "epochs trained", "top-1 (fraction)")):
+        ax.set(title=title, xlabel=x, ylabel=y)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[2].xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=10)
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")
     fig.savefig(out, dpi=100)
+    plt.close(fig)
     return out
 
 
+def resume_hint(cfg, argv):
+    """After Ctrl-C: what is kept, and the command that continues the run."""
+    run_dir = getattr(cfg, "run_dir", None) if cfg is not None else None
+    if run_dir is None:
+        return "stopped before the run started; nothing to resume"
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(ckpt):
+        return f"{kept_checkpoint(ckpt)}; nothing to resume yet"
+    args = [a for a in (sys.argv[1:] if argv is None else argv)
+            if not a.startswith(("--training.resume", "--training.run_name", "--training.out_dir"))]
+    args += [f"--training.out_dir={os.path.dirname(run_dir) or '.'}", f"--training.run_name={os.path.basename(run_dir)}",
+             "--training.resume=1"]
+    return f"{kept_checkpoint(ckpt)}; resume with: python train_coss.py {' '.join(args)}"
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=help_text(CONFIG_SECTIONS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"YAML config (default: the built-in CPU demo = {DEMO_CONFIG})")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--plot", metavar="RUN_DIR", help="write RUN_DIR/curves.png and exit")
     parser.add_argument("--demo", action="store_true", help="end with the one-line demo summary")
     args, overrides = parser.parse_known_args(argv)
@@ -934,19 +1182,27 @@ def main(argv=None):
         print(plot(args.plot))
         return 0
     quiet_numba_finalizers()
+    t0, cfg = time.perf_counter(), None
     try:
         cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print_config(cfg, CONFIG_SECTIONS)
+            return 0
         results = train(cfg)
     except (ConfigError, TrainingError, BetonError) as e:
         print(f"train_coss.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ntrain_coss.py: interrupted; {resume_hint(cfg, argv)}", file=sys.stderr)
+        return 130
     if results["rank"] != 0:  # only rank 0 evaluates and holds results
         return 0
     final = [v for k, v in results.items() if k.startswith("epoch")][-1]
     if args.demo:
         rnd = results.get("random_init", {})
         print(f"demo: knn={final['knn']:.4f} probe={final.get('probe', float('nan')):.4f} "
-              f"(random init: knn={rnd.get('knn', float('nan')):.4f} probe={rnd.get('probe', float('nan')):.4f})")
+              f"(random init: knn={rnd.get('knn', float('nan')):.4f} probe={rnd.get('probe', float('nan')):.4f}) "
+              f"in {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
 
 

@@ -677,15 +677,26 @@ def _scan(source, workers, max_resolution, max_pixels, decode):
     return keep, skipped, biggest
 
 
+CONFIG_SECTIONS = ("data", "writer")  # what --help lists and --print-config prints
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="Any --section.key=value overrides the config; see configs/*.yaml.")
-    parser.add_argument("--split", required=True, choices=SPLITS)
+    from config import help_text, print_config
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=help_text(CONFIG_SECTIONS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", choices=SPLITS, help="which beton to write (required unless --print-config)")
     parser.add_argument("--config", help="YAML config (default: the embedded Fashion-MNIST default)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (data, writer) as YAML and exit")
     args, overrides = parser.parse_known_args(argv)
     quiet_numba_finalizers()
     try:
         cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print_config(cfg, CONFIG_SECTIONS)
+            return 0
+        if args.split is None:
+            raise ConfigError(f"--split is required ({' or '.join(SPLITS)})")
         write_split(cfg, args.split)
     except _Signalled as e:
         print(f"write_ffcv.py: stopped by {e}; the temporary beton was removed", file=sys.stderr)

@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from analyses import effective_receptive_fields, global_local_similarity, pearson, plot_erf, plot_similarity
+from analyses import (effective_receptive_fields, erf_box, global_local_similarity, pearson, plot_curves, plot_erf,
+                      plot_robustness, plot_similarity)
 from conftest import REPO, quiet, tiny_cfg
 from evaluate import compare, evaluate_checkpoint, topk, train_linear
-from rf_resnet import build_backbone, rf_size, PRESETS
+from rf_resnet import build_backbone, get_layout, rf_size, PRESETS
 from robustness import CORRUPTIONS, corrupt, fgsm_attack, mask_patches, pgd_attack
 from train_coss import train
 
@@ -121,11 +122,50 @@ def test_effective_receptive_field_stays_inside_the_analytic_rf(preset):
     assert int(ys.max() - ys.min()) + 1 <= rf and int(xs.max() - xs.min()) + 1 <= rf
 
 
+def _symmetric_copy(model):
+    """Same geometry, mirror-symmetric footprint: every kernel constant over its positions (positive, per channel
+    pair), BN as identity, max-pool -> avg-pool; its ERF is then centred on the RF's centre exactly."""
+    model = model.double().eval()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            per_pair = torch.rand(m.weight.shape[:2], generator=gen, dtype=torch.float64) + 0.5
+            m.weight.data = (per_pair[:, :, None, None] / m.weight[0].numel()).expand_as(m.weight).clone()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+            m.reset_running_stats()
+    if isinstance(model.maxpool, nn.MaxPool2d):
+        model.maxpool = nn.AvgPool2d(3, 2, padding=1, count_include_pad=True)
+    return model
+
+
+@pytest.mark.parametrize("preset, side", [("resnet18_w16_cifar", 65), ("rf27_resnet18", 161), ("resnet18", 129)])
+def test_the_erf_centroid_lies_at_the_centre_of_its_drawn_box(preset, side):
+    """The ERF figure's box is centred where the location's receptive field is: the centroid of a symmetric
+    network's ERF (odd image sides keep border padding symmetric around the central location)."""
+    backbone = _symmetric_copy(build_backbone(preset))
+    x = torch.ones(1, 3, side, side, dtype=torch.float64)
+    with torch.no_grad():
+        h, w = backbone(x)[0].shape[-2:]
+    for loc in [(h // 2, w // 2)] + ([(h // 2 - 1, w // 2 + 1)] if preset == "rf27_resnet18" else []):
+        erf = effective_receptive_fields(backbone, x, [loc])[0]
+        ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+        centroid = (float((erf * xs).sum() / erf.sum()), float((erf * ys).sum() / erf.sum()))
+        x0, y0, box = erf_box(PRESETS[preset], *loc)
+        assert centroid == pytest.approx((x0 + box / 2, y0 + box / 2), abs=1e-6), loc
+
+
 def test_plots_are_written(tmp_path):
     g = torch.rand(50)
     plot_similarity(g, g * 0.5 + 0.1, 0.9, tmp_path / "s.png", "t")
-    plot_erf(np.zeros((32, 32, 3), np.uint8), torch.rand(2, 32, 32), [(1, 1), (2, 3)], (4, 4), tmp_path / "e.png")
-    for f in ("s.png", "e.png"):
+    plot_erf(np.zeros((32, 32, 3), np.uint8), torch.rand(2, 32, 32), [(1, 1), (2, 3)],
+             get_layout("resnet18_w16_cifar"), tmp_path / "e.png", "t")
+    rows = [{"epoch": 0, "step": 4, "loss": 1.0}, {"epoch": 1, "step": 8, "loss": 0.5}, {"epoch": 1, "knn": 0.5}]
+    plot_curves({"a": rows, "b": rows}, tmp_path / "c.png", {"a": {"name": "byol"}, "b": {"name": "simclr"}})
+    rob = {"robustness": {"corruptions": {"jpeg": {"1": 0.5, "2": 0.4}}, "masking": {"0": 0.5}, "pgd": {"1": 0.3}}}
+    plot_robustness({"a": rob}, tmp_path / "r.png")
+    for f in ("s.png", "e.png", "c.png", "r.png"):
         assert os.path.getsize(tmp_path / f) > 2000
 
 
@@ -148,11 +188,25 @@ def test_evaluate_and_compare_two_runs(betons, tmp_path):
     saved = json.load(open(tmp_path / "eval" / "eval.json"))
     assert saved["linear"] == out["linear"]
     report = tmp_path / "report"
-    compare([runs["byol"], runs["co_byol"]], ["BYOL", "CO-BYOL"], str(report), SMALL, log=quiet)
+    compare([runs["byol"], runs["co_byol"]], ["BYOL", "CO-BYOL"], str(report), SMALL, log=quiet,
+            command="python evaluate.py --compare a b")
     text = open(report / "report.md").read()
     assert "| linear top-1 |" in text and "BYOL" in text and "PGD eps 4/255" in text
+    assert "Made by `python evaluate.py --compare a b`." in text
     for png in ("curves.png", "robustness.png", "BYOL_erf.png", "CO-BYOL_similarity.png"):
         assert os.path.getsize(report / png) > 2000
+    stored = json.load(open(os.path.join(runs["byol"], "eval", "eval.json")))
+    assert stored["settings"]["linear"]["epochs"] == 3 and stored["settings"]["robust"]["images"] == 24
+    # the same settings again: the stored evaluations answer; other settings: evaluated again, and said so
+    lines = []
+    compare([runs["byol"], runs["co_byol"]], ["BYOL", "CO-BYOL"], str(report), SMALL, log=lines.append)
+    assert sum("reusing" in line for line in lines) == 2 and not any("other settings" in line for line in lines)
+    lines.clear()
+    compare([runs["byol"], runs["co_byol"]], ["BYOL", "CO-BYOL"], str(report), SMALL + ["--linear.epochs=2"],
+            log=lines.append)
+    changed = [line for line in lines if "other settings" in line]
+    assert len(changed) == 2 and "linear.epochs: 3 stored, 2 asked" in changed[0]
+    assert json.load(open(os.path.join(runs["byol"], "eval", "eval.json")))["settings"]["linear"]["epochs"] == 2
 
 
 def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):

@@ -241,16 +241,20 @@ def test_a_bad_yaml_file_is_one_line_and_exit_2(tmp_path, content, message):
 # ----------------------------------------------------------------------------------------- torchrun end to end
 
 @pytest.mark.timeout(600)
-def test_torchrun_with_two_gloo_processes_completes_with_a_complete_run_folder(betons, tmp_path):
+@pytest.mark.parametrize("method", ["co_byol", "co_simclr"])  # co_simclr gathers embeddings across ranks
+def test_torchrun_with_two_gloo_processes_completes_with_a_complete_run_folder(betons, tmp_path, method):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     res = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={port}",
                           os.path.join(REPO, "train_coss.py"), *TINY, f"--data.beton_dir={betons / 'betons'}",
-                          f"--training.out_dir={tmp_path}", "--training.run_name=ddp", "--demo"],
+                          f"--training.out_dir={tmp_path}", "--training.run_name=ddp", f"--method.name={method}",
+                          "--demo"],
                          capture_output=True, text=True, timeout=500, cwd=REPO)
     _quiet_stderr(res)
+    for warning in ("DeprecationWarning", "FutureWarning", "UserWarning"):  # none from our calls under torchrun
+        assert warning not in res.stderr, res.stderr[-3000:]
     run = tmp_path / "ddp"
     ck = _finite_checkpoint(run / "checkpoint.pt")
     assert ck["step"] == 4 and ck["epoch"] == 2  # 64 images / (16 x 2 ranks) = 2 steps per epoch
