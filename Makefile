@@ -40,7 +40,7 @@ betons: setup
 	  else $(PY) write_ffcv.py --split $$split || exit 1; fi; done
 
 demo: betons
-	$(PY) train_coss.py --config configs/fmnist.yaml --demo
+	$(PY) train_coss.py --config configs/demo.yaml --demo
 
 bench: setup
 	$(PY) bench/bench_loader.py

@@ -469,11 +469,12 @@ class Run:
         self.spec = loss_spec(cfg)
         model = self.online
         if world > 1:
-            # broadcast_buffers=False: each rank keeps its BN running statistics (eval uses rank 0's); broadcasting
-            # them at every forward both costs a collective per view and, on some torch versions, bumps tensors saved
-            # for backward
+            # forward_sync_buffers=False (torch 2.14's name for broadcast_buffers=False, which now warns): each rank
+            # keeps its BN running statistics (eval uses rank 0's); broadcasting them at every forward both costs a
+            # collective per view and, on some torch versions, bumps tensors saved for backward. The one sync it
+            # still does, at construction, copies rank 0's buffers, which every rank built identically from the seed
             model = nn.parallel.DistributedDataParallel(
-                self.online, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+                self.online, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
         target, affinity, spec = self.target, self.affinity, self.spec
 
         def forward_loss(packed, local_packed):
@@ -719,14 +720,20 @@ def calibrate(run, minutes, log=print):
     return rate
 
 
-def check_schedule(run):
-    """Refuses a warm-up that fills the whole run (the lr would never reach its peak and decay)."""
-    if run.warmup_steps and run.warmup_steps >= run.total_steps:
-        cfg = run.cfg
-        why = f"optim.minutes={cfg['optim.minutes']:g} gives" if run.budgeted else "the run has"
-        raise TrainingError(f"optim.warmup_epochs={cfg['optim.warmup_epochs']:g} is {run.warmup_steps:.0f} steps, but "
-                            f"{why} only {run.total_steps}: lower optim.warmup_epochs"
-                            + (" or raise optim.minutes" if run.budgeted else " or raise optim.epochs"))
+def check_schedule(run, log=print):
+    """A warm-up that fills the whole run (the lr would never reach its peak and decay): refused for a run of fixed
+    epochs (the config is wrong, and the user can fix it now); under optim.minutes, where the length is only known
+    once measured on this machine, the budget wins: one warning line, and the warm-up shrinks to a tenth of the run."""
+    if not run.warmup_steps or run.warmup_steps < run.total_steps:
+        return
+    cfg = run.cfg
+    asked = f"optim.warmup_epochs={cfg['optim.warmup_epochs']:g} is {run.warmup_steps:.0f} steps"
+    if not run.budgeted:
+        raise TrainingError(f"{asked}, but the run has only {run.total_steps}: lower optim.warmup_epochs or raise "
+                            f"optim.epochs")
+    run.warmup_steps = max(1, run.total_steps // 10)
+    log(f"warning: {asked}, but optim.minutes={cfg['optim.minutes']:g} gives only {run.total_steps} on this "
+        f"machine; warming up over the first {run.warmup_steps} steps (a tenth) instead")
 
 
 @torch.no_grad()
@@ -975,7 +982,7 @@ def train(cfg, on_step=None, log=print):
         if cfg["training.compile"]:
             log("compiling the step (the first steps wait for it; a minute or more on a CPU) ...")
         calibrate(run, cfg["optim.minutes"], log if is_main else (lambda *_: None))
-    check_schedule(run)
+    check_schedule(run, log if is_main else (lambda *_: None))
     epochs = run.epochs
     if is_main:
         log(f"run {run_dir}: {device}, {num_train} train images, {steps_per_epoch} steps/epoch x {epochs} epochs "

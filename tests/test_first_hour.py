@@ -157,9 +157,18 @@ def test_a_budgeted_run_ends_at_its_step_count_with_whole_schedules_and_resumes_
 
 # ------------------------------------------------------------------------------------------ errors that name the fix
 
-def test_a_warm_up_longer_than_the_run_is_refused(betons, tmp_path):
+def test_a_warm_up_longer_than_the_run_is_refused_or_under_a_budget_shrunk_with_a_warning(betons, tmp_path,
+                                                                                         monkeypatch):
     with pytest.raises(TrainingError, match=r"optim.warmup_epochs=3 is 12 steps, but the run has only 8.*lower"):
         train(tiny_cfg(betons, tmp_path, "--optim.warmup_epochs=3"), log=quiet)
+    monkeypatch.setattr(train_coss, "calibrate", lambda run, minutes, log=print: run.set_total_steps(20))
+    lines = []
+    train(tiny_cfg(betons, tmp_path, "--optim.warmup_epochs=6", "--optim.minutes=1", "--training.run_name=b"),
+          log=lines.append)
+    warning = [line for line in lines if line.startswith("warning:")]
+    assert len(warning) == 1 and "optim.warmup_epochs=6 is 24 steps" in warning[0] and "first 2 steps" in warning[0]
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "b" / "log.jsonl") if '"lr"' in line]
+    assert len(lrs) == 20 and lrs[1] == max(lrs)  # peak at step 2, then the cosine
 
 
 @pytest.mark.parametrize("extra, message", [(["--augment.res=8"], "1x1 feature map"),
