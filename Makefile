@@ -34,10 +34,11 @@ CPU_ISA_ENV := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 test: setup
 	$(CPU_ISA_ENV) $(PY) -m pytest -q tests
 
+# The demo's betons: Fashion-MNIST at its native 28 px (configs/demo.yaml; configs/fmnist.yaml writes 32 px ones).
 betons: setup
 	@for split in train val; do \
-	  if [ -f betons/fmnist_$$split.beton ]; then echo "betons/fmnist_$$split.beton exists"; \
-	  else $(PY) write_ffcv.py --split $$split || exit 1; fi; done
+	  if [ -f betons/fmnist28_$$split.beton ]; then echo "betons/fmnist28_$$split.beton exists"; \
+	  else $(PY) write_ffcv.py --split $$split --config configs/demo.yaml || exit 1; fi; done
 
 demo: betons
 	$(PY) train_coss.py --config configs/demo.yaml --demo
@@ -46,4 +47,4 @@ bench: setup
 	$(PY) bench/bench_loader.py
 
 clean-betons:
-	rm -f betons/fmnist_train.beton betons/fmnist_val.beton
+	rm -f betons/fmnist28_train.beton betons/fmnist28_val.beton betons/fmnist_train.beton betons/fmnist_val.beton

@@ -1,6 +1,6 @@
 """CO-SSL trainer: CO-BYOL, CO-SimCLR, BYOL, SimCLR and LoGo on RF-ResNets, fed by FFCV betons.
 
-    python train_coss.py --config configs/fmnist.yaml            # the CPU demo (also: make demo)
+    python train_coss.py --config configs/demo.yaml --demo       # the CPU demo, a 5-minute budget (make demo)
     torchrun --nproc_per_node=8 train_coss.py --config configs/in100.yaml
     python train_coss.py --config configs/in100.yaml --training.resume=1   # continue a killed run exactly
     python train_coss.py --plot runs/<run>                        # PNG curves of a run
@@ -1180,7 +1180,7 @@ def resume_hint(cfg, argv):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=help_text(CONFIG_SECTIONS),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"YAML config (default: the built-in CPU demo = {DEMO_CONFIG})")
+    parser.add_argument("--config", help=f"YAML config (default: the built-in defaults = {DEMO_CONFIG})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--plot", metavar="RUN_DIR", help="write RUN_DIR/curves.png and exit")
     parser.add_argument("--demo", action="store_true", help="end with the one-line demo summary")

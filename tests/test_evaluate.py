@@ -15,6 +15,7 @@ from analyses import (effective_receptive_fields, erf_box, global_local_similari
 from conftest import REPO, quiet, tiny_cfg
 from evaluate import compare, evaluate_checkpoint, topk, train_linear
 from rf_resnet import build_backbone, get_layout, rf_size, PRESETS
+from test_rf_resnet import positive_linear_copy
 from robustness import CORRUPTIONS, corrupt, fgsm_attack, mask_patches, pgd_attack
 from train_coss import train
 
@@ -122,28 +123,11 @@ def test_effective_receptive_field_stays_inside_the_analytic_rf(preset):
     assert int(ys.max() - ys.min()) + 1 <= rf and int(xs.max() - xs.min()) + 1 <= rf
 
 
-def _symmetric_copy(model):
-    """Same geometry, mirror-symmetric footprint: every kernel constant over its positions (positive, per channel
-    pair), BN as identity, max-pool -> avg-pool; its ERF is then centred on the RF's centre exactly."""
-    model = model.double().eval()
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            per_pair = torch.rand(m.weight.shape[:2], generator=gen, dtype=torch.float64) + 0.5
-            m.weight.data = (per_pair[:, :, None, None] / m.weight[0].numel()).expand_as(m.weight).clone()
-        elif isinstance(m, nn.BatchNorm2d):
-            m.reset_parameters()
-            m.reset_running_stats()
-    if isinstance(model.maxpool, nn.MaxPool2d):
-        model.maxpool = nn.AvgPool2d(3, 2, padding=1, count_include_pad=True)
-    return model
-
-
 @pytest.mark.parametrize("preset, side", [("resnet18_w16_cifar", 65), ("rf27_resnet18", 161), ("resnet18", 129)])
 def test_the_erf_centroid_lies_at_the_centre_of_its_drawn_box(preset, side):
     """The ERF figure's box is centred where the location's receptive field is: the centroid of a symmetric
     network's ERF (odd image sides keep border padding symmetric around the central location)."""
-    backbone = _symmetric_copy(build_backbone(preset))
+    backbone = positive_linear_copy(build_backbone(preset), symmetric=True)
     x = torch.ones(1, 3, side, side, dtype=torch.float64)
     with torch.no_grad():
         h, w = backbone(x)[0].shape[-2:]

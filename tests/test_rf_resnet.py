@@ -34,15 +34,18 @@ def test_standard_layout_equals_torchvision(name):
         torch.testing.assert_close(back(x), tv(x), rtol=1e-5, atol=1e-5)
 
 
-def _positive_linear_copy(model):
+def positive_linear_copy(model, symmetric=False):
     """Same geometry, no cancellation: positive weights (scaled by fan-in), BN as identity, max-pool -> avg-pool
-    (a max-pool passes gradient to one input per window; its footprint is what the RF counts)."""
+    (a max-pool passes gradient to one input per window; its footprint is what the RF counts). symmetric: every
+    kernel constant over its positions (per channel pair), so the footprint is mirror-symmetric about its centre."""
     model = model.double().eval()
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan_in = m.weight[0].numel()
-            m.weight.data = (torch.rand(m.weight.shape, generator=gen, dtype=torch.float64) + 0.5) / fan_in
+            shape = m.weight.shape[:2] + (1, 1) if symmetric else m.weight.shape
+            w = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5) / fan_in
+            m.weight.data = w.expand_as(m.weight).clone()
         elif isinstance(m, nn.BatchNorm2d):
             m.reset_parameters()
             m.reset_running_stats()
@@ -53,7 +56,7 @@ def _positive_linear_copy(model):
 
 def gradient_support(layout, size):
     """The input pixels that the central location of the final map depends on (non-zero gradient)."""
-    model = _positive_linear_copy(RFResNet(layout))
+    model = positive_linear_copy(RFResNet(layout))
     x = torch.ones(1, 3, size, size, dtype=torch.float64, requires_grad=True)
     fmap, _ = model(x)
     h, w = fmap.shape[-2:]
