@@ -1143,17 +1143,22 @@ def plot(run_dir):
     pts = [(r["step"], r["lr"]) for r in rows if "lr" in r]
     if pts:
         axes[1].plot(*zip(*pts), lw=1)
-    for k in ("knn", "probe", "online_probe"):  # evaluation rows: one per evaluated epoch
-        pts = [(r["epoch"] + 1, r[k]) for r in rows if k in r and "lr" not in r]
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    start = (torch.load(ckpt, map_location="cpu", weights_only=False).get("results", {}).get("random_init", {})
+             if os.path.isfile(ckpt) else {})
+    for k in ("knn", "probe", "online_probe"):  # evaluation rows: one per evaluated epoch; 0 = the random init
+        pts = [(0, start[k])] if k in start else []
+        pts += [(r["epoch"] + 1, r[k]) for r in rows if k in r and "lr" not in r]
         if pts:
             axes[2].plot(*zip(*pts), "o-", label=k)
     for ax, title, x, y in ((axes[0], "training loss", "step", "loss (objective's own units)"),
-                            (axes[1], "learning rate", "step", "lr (per step)"),
-                            (axes[2], "val accuracy", "epochs trained", "top-1 (fraction)")):
+                            (axes[1], "learning rate", "step", "learning rate"),
+                            (axes[2], "val accuracy", "epochs trained (0: random init)", "top-1 (fraction)")):
         ax.set(title=title, xlabel=x, ylabel=y)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    axes[2].xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.ticker import MaxNLocator
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=10)
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")
