@@ -1177,8 +1177,8 @@ def resume_hint(cfg, argv):
         return f"{kept_checkpoint(ckpt)}; nothing to resume yet"
     args = [a for a in (sys.argv[1:] if argv is None else argv)
             if not a.startswith(("--training.resume", "--training.run_name", "--training.out_dir"))]
-    args += [f"--training.out_dir={os.path.dirname(run_dir) or '.'}", f"--training.run_name={os.path.basename(run_dir)}",
-             "--training.resume=1"]
+    args += [f"--training.out_dir={os.path.dirname(run_dir) or '.'}",
+             f"--training.run_name={os.path.basename(run_dir)}", "--training.resume=1"]
     return f"{kept_checkpoint(ckpt)}; resume with: python train_coss.py {' '.join(args)}"
 
 
