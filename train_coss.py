@@ -676,13 +676,15 @@ def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes
     return Run(cfg, device, world, loader, decoders, num_train, num_classes)
 
 
-CALIBRATION_STEPS = (3, 20)  # optim.minutes: untimed first steps (compilation, caches), then timed steps
+# optim.minutes: untimed first steps (compilation, caches, and the batches the loader queued ahead while the run
+# started: timing those made a 2-core run 5-15 % longer than its budget), then at most this many timed steps
+CALIBRATION_STEPS = (10, 40)
 
 
 def calibrate(run, minutes, log=print):
     """optim.minutes: times the run's first steps (after a few untimed ones), sets the step count that fits the
     budget, then undoes those steps (weights, optimisers, random generators, step counter), so what follows is the
-    run of that many steps from its start. At most ~20 s of timing. All ranks step together; rank 0's measurement
+    run of that many steps from its start. At most ~30 s of timing. All ranks step together; rank 0's measurement
     decides. Returns the images/s measured."""
     import copy
     import itertools
@@ -701,7 +703,7 @@ def calibrate(run, minutes, log=print):
                 t0 = time.perf_counter()
             elif taken > warm:
                 timed += 1
-                if timed >= most or (timed >= 3 and time.perf_counter() - t0 > 20):
+                if timed >= most or (timed >= 5 and time.perf_counter() - t0 > 30):
                     break
         else:
             continue
