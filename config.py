@@ -194,10 +194,11 @@ def _section(cfg, name, description):
 
 def _declare(cfg):
     _section(cfg, "data", "Dataset source and beton location (both scripts)").params(
-        source=Param(Choice("fashion_mnist", "imagenet100", "imagefolder", "synthetic"),
+        source=Param(Choice("fashion_mnist", "imagenet100", "imagefolder", "tiny_imagenet", "synthetic"),
                      "where images come from", default="fashion_mnist"),
-        root=Param(Text(), "dataset root: ImageNet root holding train/ and val/ (imagenet100, imagefolder), "
-                           "or the Fashion-MNIST folder", default=FASHION_MNIST_DIR),
+        root=Param(Text(), "dataset root: ImageNet root holding train/ and val/ (imagenet100, imagefolder), the "
+                           "tiny-imagenet-200 folder (tiny_imagenet), or the Fashion-MNIST folder",
+                   default=FASHION_MNIST_DIR),
         class_list=Param(Text(), "imagenet100: file of wnids, one per line", default=IMAGENET100_CLASSES),
         beton_dir=Param(Text(), "folder for <name>_<split>.beton (relative to the current folder)", default="betons"),
         name=Param(Text(), "beton name prefix", default="fmnist"),

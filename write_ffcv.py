@@ -7,6 +7,8 @@ Sources (config `data.source`):
   fashion_mnist  Debian's dataset-fashion-mnist (60k train / 10k val), grayscale -> RGB, resized to data.image_size
   imagenet100    ROOT/{train,val}/<wnid>/* restricted to the wnids of data.class_list
   imagefolder    ROOT/{train,val}/<wnid>/* with every class folder of ROOT/train (ImageNet-1K)
+  tiny_imagenet  Tiny-ImageNet-200 as distributed: ROOT/train/<wnid>/images/*.JPEG, ROOT/val/images/*.JPEG labelled
+                 by ROOT/val/val_annotations.txt (file <tab> wnid <tab> box)
   synthetic      small random images of varying size, deterministic in (seed, split, index); for tests
 Labels of folder sources are 0..K-1 in sorted wnid order (what torchvision's ImageFolder gives), taken from
 ROOT/train so that train and val always agree.
@@ -244,6 +246,64 @@ class ImageFolderTree:
             raise RuntimeError(f"cannot decode {self.paths[i]}: {e} (writer.verify=1 skips such files)") from e
 
 
+class TinyImageNet(ImageFolderTree):
+    """Tiny-ImageNet-200's own layout (one of the CO-SSL paper's datasets): train images in
+    ROOT/train/<wnid>/images/, val images in one folder ROOT/val/images/ with their wnids in
+    ROOT/val/val_annotations.txt. Labels: 0..K-1 in sorted wnid order of ROOT/train (as ImageFolder would give);
+    a val image whose wnid has no train folder, or that the annotations do not name, is an error (a beton with
+    labels the other split lacks would be silently wrong)."""
+
+    def __init__(self, root, split, max_resolution=0, max_pixels=178_956_970):
+        if not os.path.isdir(root):
+            raise SourceError(f"dataset root not found: {root} (set data.root)")
+        train_dir = os.path.join(root, "train")
+        if not os.path.isdir(train_dir):
+            raise SourceError(f"missing folder {train_dir}: expected Tiny-ImageNet's layout ROOT/train/<wnid>/images/")
+        self.classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+        if not self.classes:
+            raise SourceError(f"no class folders in {train_dir}")
+        index = {wnid: i for i, wnid in enumerate(self.classes)}
+        self.paths, labels, self.ignored, self.not_read = [], [], 0, []
+        if split == "train":
+            for wnid in self.classes:
+                folder = os.path.join(train_dir, wnid, "images")
+                files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+                images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+                self.ignored += len(files) - len(images)
+                if not images:
+                    raise SourceError(f"empty class folder: {folder} has no image files")
+                self.paths += [os.path.join(folder, f) for f in images]
+                labels += [index[wnid]] * len(images)
+        else:
+            folder, notes = os.path.join(root, split, "images"), os.path.join(root, split, f"{split}_annotations.txt")
+            if not os.path.isfile(notes) or not os.path.isdir(folder):
+                raise SourceError(f"missing {notes} or {folder}: expected Tiny-ImageNet's layout "
+                                  f"ROOT/{split}/images/ and ROOT/{split}/{split}_annotations.txt")
+            wnid_of = {}
+            with open(notes) as fh:
+                for n, line in enumerate(fh, 1):
+                    fields = line.rstrip("\n").split("\t")
+                    if not line.strip():
+                        continue
+                    if len(fields) < 2:
+                        raise SourceError(f"{notes}, line {n}: expected 'file<TAB>wnid<TAB>...', got {line.strip()!r}")
+                    if fields[1] not in index:
+                        raise SourceError(f"{notes}, line {n}: wnid {fields[1]} has no folder in {train_dir}")
+                    wnid_of[fields[0]] = fields[1]
+            files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+            images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+            self.ignored = len(files) - len(images)
+            unnamed = [f for f in images if f not in wnid_of]
+            if unnamed:
+                raise SourceError(f"{len(unnamed)} images of {folder} are not in {notes}, e.g. {unnamed[0]}")
+            self.paths = [os.path.join(folder, f) for f in images]
+            labels = [index[wnid_of[f]] for f in images]
+            if not self.paths:
+                raise SourceError(f"no images in {folder}")
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.max_resolution, self.max_pixels = max_resolution, max_pixels
+
+
 def read_class_list(path):
     """A file of wnids, one per line ('#' comments and blank lines allowed); duplicates are an error."""
     if not os.path.isfile(path):
@@ -309,6 +369,8 @@ def make_source(cfg, split):
     if source == "synthetic":
         return Synthetic(split, cfg["data.synthetic_images"], cfg["data.synthetic_min_size"],
                          cfg["data.synthetic_max_size"], cfg["data.synthetic_classes"], cfg["writer.seed"])
+    if source == "tiny_imagenet":
+        return TinyImageNet(cfg["data.root"], split, cfg["writer.max_resolution"], cfg["writer.max_pixels"])
     classes = read_class_list(cfg["data.class_list"]) if source == "imagenet100" else None
     return ImageFolderTree(cfg["data.root"], split, classes, cfg["writer.max_resolution"], cfg["writer.max_pixels"])
 

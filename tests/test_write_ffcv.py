@@ -151,6 +151,53 @@ def test_imagefolder_uses_every_train_class(tmp_path):
     assert [img[0, 0].tolist() for img in images] == [wnid_colour(w).tolist() for w in ("n01", "n02", "n03")]
 
 
+def _tiny_imagenet_tree(root, wnids, train_per_class=2, val_images=()):
+    """A fake Tiny-ImageNet-200 tree: train/<wnid>/images/*.JPEG (+ the boxes file and wnids.txt of the real one),
+    val/images/*.JPEG with val/val_annotations.txt; every image one colour per wnid. val_images: (file, wnid)."""
+    for w in wnids:
+        for k in range(train_per_class):
+            save_image(root / "train" / w / "images" / f"{w}_{k}.JPEG", np.tile(wnid_colour(w), (64, 64, 1)),
+                       format="PNG")
+        (root / "train" / w / f"{w}_boxes.txt").write_text(f"{w}_0.JPEG\t0\t0\t63\t63\n")
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for name, w in val_images:
+        save_image(root / "val" / "images" / name, np.tile(wnid_colour(w), (64, 64, 1)), format="PNG")
+    (root / "val" / "val_annotations.txt").write_text("".join(f"{n}\t{w}\t0\t0\t63\t63\n" for n, w in val_images))
+
+
+def test_tiny_imagenet_layout_gives_the_same_labels_in_both_splits(tmp_path):
+    wnids = ["n03", "n01", "n02"]
+    val = [("val_0.JPEG", "n02"), ("val_1.JPEG", "n01"), ("val_2.JPEG", "n03"), ("val_3.JPEG", "n02")]
+    root = tmp_path / "tiny-imagenet-200"
+    _tiny_imagenet_tree(root, wnids, 2, val)
+    cfg = make_cfg(tmp_path, data__source="tiny_imagenet", data__root=root, data__name="tiny200")
+    by_colour = {wnid_colour(w).tobytes(): w for w in wnids}
+    train = write_split(cfg, "train", log=quiet)
+    images, labels = read_beton(train["path"])
+    assert len(images) == 6 and train["ignored_files"] == 0  # the boxes files live beside images/, not in it
+    assert [sorted(wnids).index(by_colour[img[0, 0].tobytes()]) for img in images] == labels == [0, 0, 1, 1, 2, 2]
+    images, labels = read_beton(write_split(cfg, "val", log=quiet)["path"])
+    found = [by_colour[img[0, 0].tobytes()] for img in images]
+    assert found == ["n02", "n01", "n03", "n02"]  # file order of val/images
+    assert labels == [sorted(wnids).index(w) for w in found] == [1, 0, 2, 1]
+
+
+@pytest.mark.parametrize("damage, message", [("unknown wnid", "has no folder in"), ("unlisted file", "are not in"),
+                                             ("no annotations", "expected Tiny-ImageNet's layout")])
+def test_tiny_imagenet_val_that_does_not_match_train_is_refused(tmp_path, damage, message):
+    root = tmp_path / "tiny"
+    _tiny_imagenet_tree(root, ["n01", "n02"], 1, [("v0.JPEG", "n01")])
+    if damage == "unknown wnid":
+        with open(root / "val" / "val_annotations.txt", "a") as fh:
+            fh.write("v9.JPEG\tn77\t0\t0\t1\t1\n")
+    elif damage == "unlisted file":
+        save_image(root / "val" / "images" / "v1.JPEG", np.zeros((8, 8, 3), np.uint8), format="PNG")
+    else:
+        os.remove(root / "val" / "val_annotations.txt")
+    with pytest.raises(SourceError, match=message):
+        write_split(make_cfg(tmp_path, data__source="tiny_imagenet", data__root=root), "val", log=quiet)
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 
 def _jpeg_bytes(array, **kwargs):
