@@ -250,6 +250,9 @@ def _declare(cfg):
         mixing=Param(Choice("convex", "additive"), "(1-w_s) L_g + w_s L_l, or L_g + w_s L_l", default="convex"),
         local_grid=Param(StrictInt(0), "adaptive-avg-pool the map to n x n before the local heads; 0 = native",
                          default=0),
+        local_layer=Param(Choice("last", "previous"), "CO methods: the local representations are the map of the "
+                          "backbone's last stage, or of the stage before it (twice the side, half the channels of a "
+                          "ResNet); the global branch always pools the last stage", default="last"),
         proj_hidden=Param(StrictInt(1), "projector hidden width", default=512),
         proj_dim=Param(StrictInt(1), "embedding dim (global and local)", default=128),
         pred_hidden=Param(StrictInt(1), "predictor hidden width (BYOL family)", default=512),

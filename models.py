@@ -30,23 +30,31 @@ def local_mlp(dim_in, hidden, dim_out):
 
 
 class SSLNet(nn.Module):
-    def __init__(self, backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden, local_grid=0):
+    def __init__(self, backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden, local_grid=0,
+                 local_layer="last"):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+        if local_layer not in ("last", "previous"):
+            raise ValueError(f"local_layer must be 'last' or 'previous', got {local_layer!r}")
         self.method, self.local_grid = method, local_grid
+        # where the local representations come from: the last stage's map, or the stage before it (the paper's
+        # appendix studies intermediate layers); the global branch always pools the last stage
+        self.map_stage = backbone.num_stages - 1 if local_layer == "previous" else None
         self.backbone = backbone
         C = backbone.num_features
         self.projector = mlp(C, proj_hidden, proj_dim)
         self.predictor = mlp(proj_dim, pred_hidden, proj_dim) if method in BYOL_FAMILY else None
         self.has_local = method.startswith("co_")
         if self.has_local:
-            self.local_projector = local_mlp(C, local_hidden, proj_dim)
+            C_local = backbone.stage_channels(self.map_stage) if self.map_stage else C
+            self.local_projector = local_mlp(C_local, local_hidden, proj_dim)
             self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim) if method == "co_byol" else None
 
     def forward(self, x, local=True):
         """Returns dict: y (pooled features), z (projection), p (prediction, BYOL family), P (local, [B, L, D])."""
-        fmap, y = self.backbone(x)
+        fmap, y = self.backbone(x, self.map_stage) if self.map_stage and self.has_local and local else \
+            self.backbone(x)
         z = self.projector(y)
         out = {"y": y, "z": z, "p": self.predictor(z) if self.predictor is not None else z}
         if self.has_local and local:

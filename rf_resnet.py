@@ -249,14 +249,24 @@ class RFResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
+    def stage_channels(self, stage):
+        """Channels of stage `stage`'s output (1-based; the last is num_features)."""
+        return getattr(self, f"layer{stage}")[-1].conv2.out_channels if self.layout.block == "basic" else \
+            getattr(self, f"layer{stage}")[-1].conv3.out_channels
+
+    def forward(self, x, map_stage=None):
+        """(feature map, pooled features of the last stage). map_stage: return the map of that stage (1-based)
+        instead of the last one's (CO methods' method.local_layer=previous)."""
         x = self.conv1(x)
         if self.layout.stem == "bagnet":
             x = self.stem_conv2(x)
         x = self.maxpool(self.relu(self.bn1(x)))
+        fmap = None
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
-        return x, torch.flatten(self.avgpool(x), 1)
+            if map_stage == i + 1:
+                fmap = x
+        return (x if fmap is None else fmap), torch.flatten(self.avgpool(x), 1)
 
     def logits(self, x):
         if self.fc is None:

@@ -201,7 +201,8 @@ def build_model(cfg, num_classes, device):
     if cfg["model.init"]:
         load_init(backbone, cfg["model.init"])
     online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
-                    cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"])
+                    cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"],
+                    cfg["method.local_layer"])
     target = TargetNet(online) if cfg["method.name"] in BYOL_FAMILY else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
@@ -739,15 +740,16 @@ def check_schedule(run, log=print):
 
 
 @torch.no_grad()
-def check_local_map(cfg, backbone, device):
+def check_local_map(cfg, online, device):
     """A CO method aligns every location of the feature map with the other view's global representation: refused
     when the map is 1x1 at the run's (smallest) resolution, where the local term only repeats the global one."""
     if cfg["method.name"] not in ("co_byol", "co_simclr"):
         return
     res = min(r for r in (cfg["augment.res"], cfg["augment.res_start"]) if r)
+    backbone = online.backbone
     was_training = backbone.training
     backbone.eval()
-    side = backbone(torch.zeros(1, 3, res, res, device=device))[0].shape[-1]
+    side = backbone(torch.zeros(1, 3, res, res, device=device), online.map_stage)[0].shape[-1]
     backbone.train(was_training)
     grid = cfg["method.local_grid"]
     if grid == 1 or side == 1:
@@ -937,7 +939,7 @@ def train(cfg, on_step=None, log=print):
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
     run = build_run(cfg, device, world, train_path, num_train, num_classes, total_train)
-    check_local_map(cfg, run.online.backbone, device)
+    check_local_map(cfg, run.online, device)
     steps_per_epoch = run.steps_per_epoch
     run_dir = run_folder(cfg)
     if world > 1:  # one folder for all ranks (its default name holds rank 0's start time)

@@ -41,6 +41,28 @@ def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method,
     assert os.path.getsize(png) > 1000
 
 
+@pytest.mark.parametrize("method", ["co_byol", "co_simclr"])
+def test_local_representations_from_the_stage_before_the_last(betons, tmp_path, method):
+    """method.local_layer=previous: the local heads read stage 3's map (twice the side, half the channels), the
+    global branch still pools stage 4; the loss is finite and its local term comes from the larger map."""
+    from models import SSLNet
+    from rf_resnet import build_backbone
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18_w16_cifar", width=4)
+    net = SSLNet(backbone, method, 32, 16, 32, 16, local_layer="previous")
+    last = SSLNet(build_backbone("resnet18_w16_cifar", width=4), method, 32, 16, 32, 16)
+    x = torch.randn(3, 3, 16, 16)
+    out, ref = net(x), last(x)
+    assert out["P"].shape == (3, 16, 16) and ref["P"].shape == (3, 4, 16)  # 4x4 locations against 2x2
+    assert net.local_projector[0].in_channels == 16 and last.local_projector[0].in_channels == 32
+    torch.testing.assert_close(out["y"], backbone(x)[1])  # the pooled features are the last stage's
+    torch.testing.assert_close(backbone(x, 3)[0], backbone.layer3(backbone.layer2(backbone.layer1(
+        backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))))))
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", "--method.local_layer=previous", "--optim.epochs=1")
+    rows = [json.loads(line) for line in open(os.path.join(train(cfg, log=quiet)["run_dir"], "log.jsonl"))]
+    assert all(np.isfinite(r["local"]) for r in rows if "loss" in r)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("method,logo,kernels", [("co_byol", 0, "triton"), ("byol", 1, "ref")])
 def test_gpu_data_path_trains_with_the_fused_ops(betons, tmp_path, method, logo, kernels):
