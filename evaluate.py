@@ -402,10 +402,10 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command
         eval_dir = os.path.join(run, "eval")
         path = os.path.join(eval_dir, "eval.json")
         stored = json.load(open(path)) if os.path.isfile(path) else None
+        ck_path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+        ck = read_checkpoint(ck_path) if stored is not None or os.path.isfile(ck_path) else None  # read once
         if stored is not None:
-            ck_path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-            differ = settings_differ(stored.get("settings"),
-                                     eval_settings(run_config(read_checkpoint(ck_path)["config"], overrides)))
+            differ = settings_differ(stored.get("settings"), eval_settings(run_config(ck["config"], overrides)))
             if differ:
                 log(f"{path} was made with other settings ({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''})"
                     f"; evaluating {run} again")
@@ -417,8 +417,7 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command
         redraw(eval_dir, results[name], name, out_dir)
         log_path = os.path.join(run, "log.jsonl")
         logs[name] = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
-        ck = os.path.join(run, "checkpoint.pt")
-        rnd = read_checkpoint(ck).get("results", {}).get("random_init") if os.path.isfile(ck) else None
+        rnd = ck.get("results", {}).get("random_init") if ck is not None else None
         if rnd:  # the untrained network's kNN, drawn at epoch 0
             logs[name].insert(0, {"epoch": -1, "knn": rnd["knn"]})
     plot_curves(logs, os.path.join(out_dir, "curves.png"),

@@ -561,6 +561,15 @@ class Run:
                 pending = pool.submit(make, step)
                 yield item
 
+    def endless(self):
+        """run.batches() epoch after epoch from epoch 0, the step counter running on (benchmarks, calibration);
+        closing it ends the loader's current epoch."""
+        epoch = 0
+        while True:
+            self.set_epoch(epoch)
+            yield from self.batches()
+            epoch += 1
+
     # -- the step
 
     def step(self, batch):
@@ -688,28 +697,21 @@ def calibrate(run, minutes, log=print):
     run of that many steps from its start. At most ~30 s of timing. All ranks step together; rank 0's measurement
     decides. Returns the images/s measured."""
     import copy
-    import itertools
     warm, most = CALIBRATION_STEPS
     saved = copy.deepcopy(run.state_dict())
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    taken, timed, t0 = 0, 0, None
-    for epoch in itertools.count():  # tiny datasets: the steps may span epochs
-        run.set_epoch(epoch)
-        batches = run.batches()
-        for batch in batches:
-            run.step(batch)
-            taken += 1
-            if taken == warm:
-                sync()
-                t0 = time.perf_counter()
-            elif taken > warm:
-                timed += 1
-                if timed >= most or (timed >= 5 and time.perf_counter() - t0 > 30):
-                    break
-        else:
-            continue
-        batches.close()  # ends the loader's epoch (and the prefetch thread) mid-way
-        break
+    timed, t0 = 0, None
+    batches = run.endless()  # tiny datasets: the steps may span epochs
+    for taken, batch in enumerate(batches, 1):
+        run.step(batch)
+        if taken == warm:
+            sync()
+            t0 = time.perf_counter()
+        elif taken > warm:
+            timed += 1
+            if timed >= most or (timed >= 5 and time.perf_counter() - t0 > 30):
+                break
+    batches.close()  # ends the loader's epoch (and the prefetch thread) mid-way
     sync()
     seconds_per_step = (time.perf_counter() - t0) / timed
     total = [max(1, int(minutes * 60 / seconds_per_step))]
@@ -926,7 +928,8 @@ def train(cfg, on_step=None, log=print):
     t_start = time.perf_counter()
     rank, world, device = setup_distributed(cfg["training.device"])
     is_main = rank == 0
-    clamp_loader_workers(cfg, log if is_main else (lambda *_: None))
+    say = log if is_main else (lambda *_: None)  # lines every rank reaches but only rank 0 prints
+    clamp_loader_workers(cfg, say)
     if cfg["training.threads"]:
         torch.set_num_threads(cfg["training.threads"])
     seed = cfg["training.seed"]
@@ -985,8 +988,8 @@ def train(cfg, on_step=None, log=print):
     if cfg["optim.minutes"] and ck is None:
         if cfg["training.compile"]:
             log("compiling the step (the first steps wait for it; a minute or more on a CPU) ...")
-        calibrate(run, cfg["optim.minutes"], log if is_main else (lambda *_: None))
-    check_schedule(run, log if is_main else (lambda *_: None))
+        calibrate(run, cfg["optim.minutes"], say)
+    check_schedule(run, say)
     epochs = run.epochs
     if is_main:
         log(f"run {run_dir}: {device}, {num_train} train images, {steps_per_epoch} steps/epoch x {epochs} epochs "

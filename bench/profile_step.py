@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from bench_loader import make_jpeg_tree  # noqa: E402
-from throughput import add_setup_args, endless, setup, switch_cases, write_beton  # noqa: E402
+from throughput import add_setup_args, setup, switch_cases, write_beton  # noqa: E402
 
 
 def main(argv=None):
@@ -47,7 +47,7 @@ def main(argv=None):
         p.error("give one value each of --compile, --fuse-views and --prefetch")
     switches = switch_cases(args)[0]
     _, run = setup(path, args.method, args.backbone, args.res, args.decode, switches, args, device)
-    it = endless(run)
+    it = run.endless()
 
     def step(i):
         run.step(next(it))

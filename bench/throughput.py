@@ -171,15 +171,6 @@ def setup(path, method, backbone, res, decode, switches, args, device):
     return cfg, train_coss.build_run(cfg, device, 1, path, num_classes=100 if not args.config else None)
 
 
-def endless(run):
-    """run.batches() epoch after epoch, with the step counter running on."""
-    epoch = 0
-    while True:
-        run.set_epoch(epoch)
-        yield from run.batches()
-        epoch += 1
-
-
 def bench_cases(path, method, backbone, res, decode, args, device, peak):
     """One row per switch case of (method, backbone, res, decode). With --interleave the cases' Runs are all built
     and warmed up first, then their timed windows alternate (case 1, case 2, ..., case 1, ...), so that a machine
@@ -198,7 +189,7 @@ def bench_cases(path, method, backbone, res, decode, args, device, peak):
 
     def start(switches):
         cfg, run = setup(path, method, backbone, res, decode, switches, args, device)
-        case = {"cfg": cfg, "run": run, "switches": switches, "source": endless(run), "windows": []}
+        case = {"cfg": cfg, "run": run, "switches": switches, "source": run.endless(), "windows": []}
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             run.step(next(case["source"]))
@@ -214,7 +205,7 @@ def bench_cases(path, method, backbone, res, decode, args, device, peak):
         run, cfg = case["run"], case["cfg"]
         # the loader alone: the same loader and view maker, no model
         batches = (run.prepare(b, i) if not isinstance(b, train_coss.Prepared) else b
-                   for i, b in enumerate(endless(run)))
+                   for i, b in enumerate(run.endless()))
         for _ in range(min(args.warmup, 2)):
             next(batches)
         sync()
