@@ -283,6 +283,17 @@ def _declare(cfg):
         p_blur2=Param(StrictFloat(0.0, 1.0), "blur probability, view 2 (BYOL: 0.1; the demo 0.5)", default=0.5),
         p_solarize1=Param(StrictFloat(0.0, 1.0), "solarize probability, view 1", default=0.0),
         p_solarize2=Param(StrictFloat(0.0, 1.0), "solarize probability, view 2", default=0.2),
+        global_views=Param(StrictInt(2), "multi-crop: global views per image, at res, scale (c_min, 1)", default=2),
+        local_views=Param(StrictInt(0), "multi-crop: local views per image, at local_res, scale (local_cmin, "
+                          "local_cmax); cut from the same decode as the global views (0 = off)", default=0),
+        local_res=Param(StrictInt(8), "multi-crop: side of the local views, px (DINO/SwAV on ImageNet: 96)",
+                        default=96),
+        local_cmin=Param(StrictFloat(0.01, 1.0), "multi-crop: local crop scale, min (DINO: 0.05)", default=0.05),
+        local_cmax=Param(StrictFloat(0.01, 1.0), "multi-crop: local crop scale, max (DINO: 0.14)", default=0.14),
+        p_blur_local=Param(StrictFloat(0.0, 1.0), "multi-crop: blur probability of the local views (DINO: 0.5)",
+                           default=0.5),
+        p_solarize_local=Param(StrictFloat(0.0, 1.0), "multi-crop: solarize probability of the local views "
+                               "(DINO: 0)", default=0.0),
         workers=Param(StrictInt(1), "FFCV loader threads", default=2),
     )
     _section(cfg, "optim", "Optimisation").params(

@@ -11,6 +11,19 @@ Notation: B images on this rank, N on all ranks, L locations per view, D embeddi
   mixing      'convex': (1 - w_s) L_g + w_s L_l (our default);  'additive': L_g + w_s L_l
   LoGo        L_gg + L_lg + lambda * L_ll, with L_ll the affinity f_d(z^l_1, z^l_2) that the encoder minimises,
               and f_d trained in an alternating step to score same-image local pairs above rolled pairs
+Multi-crop (G global views at augment.res, then L local views; V = G + L; targets come from global views only):
+  pairs       P = {(v, g) : v < V, g < G, g != v}: every view against every global view but itself,
+              |P| = G(G-1) + L·G;  P_G = the pairs with v < G (global views only), |P_G| = G(G-1)
+  BYOL        L_g = 2/|P| sum_{(v,g) in P} mean_b d(p_v, sg z_g)        (the factor 2 keeps BYOL's symmetric sum:
+              with G = 2, L = 0 this is the BYOL line above, exactly)
+  CO-BYOL     L_g as BYOL;  L_l = 2/|P_G| sum_{(v,g) in P_G} mean_{b,l} d(P_v[b,l], sg z_g[b])
+  SimCLR      candidates: the G·N global embeddings; the term of pair (v, g) at image b is
+              -log softmax(<z_v[b], c> / T over candidates c, without z_v[b] itself when v < G)[z_g[b]];
+              L_g = mean over P and b (G = 2, L = 0: NT-Xent above)
+  CO-SimCLR   L_l = the SimCLR rule with every location of a global view's map as the anchor:
+              mean over P_G, b and l of -log softmax(<P_v[b,l], c> / T, without z_v[b])[z_g[b]]
+  Local views enter the global terms only: a small crop's feature map has few locations whose receptive fields each
+  cover the whole crop (README, 'Multi-crop'). LoGo keeps its own rule (L_gg on the two global views, its L_lg, L_ll).
 Targets are always detached inside the functions (sg = stop-gradient), so callers cannot forget it.
 Under DDP, pass the all-gathered embeddings (gathered *with* gradient) as `*_all` and this rank's row offset.
 """
@@ -85,6 +98,104 @@ def local_global_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None,
     embeddings [B, D]; z*_all: all ranks' [N, D]. Mean over the 2·B·L anchors. The reference and the fused op
     both live in kernels/local_info_nce.py; backend: its switch (auto: Triton on CUDA, the reference elsewhere)."""
     return local_info_nce(P1, P2, z1, z2, temperature, z1_all, z2_all, offset, backend=backend)
+
+
+def crop_pairs(n_global, n_views):
+    """The multi-crop pairs (v, g): view v is predicted against global view g (g != v), in (v, g) order."""
+    if n_global < 2 or n_views < n_global:
+        raise ValueError(f"multi-crop needs at least 2 global views and no fewer views than that, got {n_global} "
+                         f"global of {n_views}")
+    return [(v, g) for v in range(n_views) for g in range(n_global) if g != v]
+
+
+def _check_views(name, views, ndim):
+    for i, t in enumerate(views):
+        _check(f"{name}[{i}]", t, ndim, views[0].shape[-1])
+        if t.shape[0] != views[0].shape[0]:
+            raise ValueError(f"{name}: view {i} has {t.shape[0]} images, view 0 has {views[0].shape[0]}")
+
+
+def multicrop_byol(preds, targets):
+    """BYOL with multi-crop. preds: the V views' online predictions [B, D] (global views first); targets: the G
+    global views' target projections [B, D]. 2/|P| sum over the pairs (losses.py's table); byol_loss when V = G = 2."""
+    pairs = crop_pairs(len(targets), len(preds))
+    _check_views("preds", list(preds) + list(targets), 2)
+    return (2 / len(pairs)) * sum(cosine_distance(preds[v], targets[g]).mean() for v, g in pairs)
+
+
+def multicrop_local_regression(P, targets, backend="auto"):
+    """CO-BYOL's local term with G >= 2 global views. P: their local predictions [B, L, D]; targets: their target
+    projections [B, D]. 2/|P_G| sum over the global pairs; local_global_regression when G = 2."""
+    from kernels.local_global_cosine import local_global_cosine
+    pairs = crop_pairs(len(targets), len(P))
+    if len(P) != len(targets):
+        raise ValueError(f"{len(P)} local maps for {len(targets)} global views")
+    for v, g in pairs:
+        check_local("multicrop_local_regression", P[v], P[g], targets[v], targets[g])
+    return (2 / len(pairs)) * sum(local_global_cosine(P[v], targets[g], backend=backend) for v, g in pairs)
+
+
+def _candidates(zs, n_global, gathered, offset):
+    """The G·N global embeddings as candidates (normalised), N and this rank's offset."""
+    if gathered is None:
+        gathered, offset = zs[:n_global], 0
+    if len(gathered) != n_global:
+        raise ValueError(f"gathered holds {len(gathered)} views, expected the {n_global} global ones")
+    _check_views("gathered", gathered, 2)
+    N = gathered[0].shape[0]
+    if gathered[0].shape[-1] != zs[0].shape[-1] or not 0 <= offset <= N - zs[0].shape[0]:
+        raise ValueError(f"gathered [{N}, {gathered[0].shape[-1]}] does not hold this rank's {zs[0].shape[0]} rows "
+                         f"at offset {offset}")
+    return F.normalize(torch.cat(list(gathered)), dim=1), N, offset
+
+
+def _pair_log_softmax_mean(anchors, candidates, temperature, v, n_global, pairs_of_v, own, N):
+    """Mean over the anchors [B, L, D] of view v and the positives g in pairs_of_v of -log softmax(<a, c> / T)[g, b],
+    view v's own global embedding masked when v is a global view. Returns the sum over the pairs of those means."""
+    B = anchors.shape[0]
+    logits = F.normalize(anchors, dim=-1) @ candidates.T / temperature     # [B, L, G·N]
+    if v < n_global:
+        logits = logits.masked_fill(F.one_hot(own + v * N, n_global * N).bool()[:, None, :], float("-inf"))
+    logp = logits.log_softmax(-1)
+    total = 0.0
+    for g in pairs_of_v:
+        total = total - logp.gather(-1, (own + g * N).view(B, 1, 1).expand(B, logp.shape[1], 1)).mean()
+    return total
+
+
+def multicrop_nt_xent(zs, n_global, temperature, gathered=None, offset=0):
+    """SimCLR with multi-crop. zs: the V views' embeddings [B, D] on this rank (global views first); gathered: the
+    G global views' embeddings of every rank [N, D] (gathered with gradient) or None; offset: this rank's first
+    row in them. Mean over the pairs and images (losses.py's table); nt_xent itself when V = G = 2."""
+    pairs = crop_pairs(n_global, len(zs))
+    _check_views("zs", zs, 2)
+    if len(zs) == n_global == 2:
+        c = gathered if gathered is not None else (None, None)
+        return nt_xent(zs[0], zs[1], temperature, c[0], c[1], offset)
+    candidates, N, offset = _candidates(zs, n_global, gathered, offset)
+    own = torch.arange(zs[0].shape[0], device=zs[0].device) + offset
+    total = sum(_pair_log_softmax_mean(z[:, None], candidates, temperature, v, n_global,
+                                       [g for w, g in pairs if w == v], own, N) for v, z in enumerate(zs))
+    return total / len(pairs)
+
+
+def multicrop_local_info_nce(P, zs, temperature, gathered=None, offset=0, backend="auto"):
+    """CO-SimCLR's local term with G >= 2 global views. P: their local embeddings [B, L, D]; zs: their global
+    embeddings [B, D]; gathered / offset as multicrop_nt_xent. Mean over the global pairs, images and locations;
+    local_global_info_nce (the fused kernel) when G = 2."""
+    pairs = crop_pairs(len(zs), len(P))
+    if len(P) != len(zs):
+        raise ValueError(f"{len(P)} local maps for {len(zs)} global views")
+    if len(zs) == 2:
+        c = gathered if gathered is not None else (None, None)
+        return local_global_info_nce(P[0], P[1], zs[0], zs[1], temperature, c[0], c[1], offset, backend)
+    for v, g in pairs:
+        check_local("multicrop_local_info_nce", P[v], P[g], zs[v], zs[g])
+    candidates, N, offset = _candidates(zs, len(zs), gathered, offset)
+    own = torch.arange(zs[0].shape[0], device=zs[0].device) + offset
+    total = sum(_pair_log_softmax_mean(P[v], candidates, temperature, v, len(zs), [g for w, g in pairs if w == v],
+                                       own, N) for v in range(len(P)))
+    return total / len(pairs)
 
 
 def cross_view_info_nce(anchors, targets, temperature):

@@ -5,7 +5,13 @@ JPEG again: two views cost two decodes. `MultiViewRandomResizedCropDecoder` deco
 and draws `num_views` independent RandomResizedCrops (per sample, per view), each resized to `output_size` and
 flipped with probability `flip_prob`.
 
-Output per batch: uint8 [B, V, H, W, 3]. Usage:
+Multi-crop: with `local_views` L > 0 the same decode also gives L local crops at `local_size` with scale
+`local_scale` (DINO/SwAV's small crops; LoGo's local pair). Views of two sizes cannot share one [V, H, W, 3] array,
+so each sample's row is then flat: the V global views' bytes, then the L local views' bytes; `split_views` reads
+them back as [B, V, H, W, 3] and [B, L, h, w, 3] without a copy. The crops are drawn in that order (globals first),
+so with L = 0 every crop is what it was before local views existed.
+
+Output per batch: uint8 [B, V, H, W, 3] (no local views) or uint8 [B, V·H·W·3 + L·h·w·3]. Usage:
 
     pipelines = {"image": [MultiViewRandomResizedCropDecoder((224, 224), num_views=2), ToTensor()], ...}
     for views, labels in loader:       # views: [B, 2, 224, 224, 3] uint8
@@ -56,8 +62,15 @@ def bilinear_resize_crop(source, start_row, end_row, start_col, end_col, destina
 
 class MultiViewRandomResizedCropDecoder(SimpleRGBImageDecoder):
     def __init__(self, output_size, num_views=2, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob=0.5,
-                 interpolation="area", seed=None):
+                 interpolation="area", seed=None, local_size=None, local_views=0, local_scale=(0.05, 0.14)):
         super().__init__()
+        if local_views < 0 or (local_views and local_size is None):
+            raise ValueError(f"local_views must be >= 0 and needs local_size, got {local_views}, {local_size}")
+        if not (0 < local_scale[0] <= local_scale[1] <= 1):
+            raise ValueError(f"local_scale must satisfy 0 < min <= max <= 1, got {local_scale}")
+        self.local_views = int(local_views)
+        self.local_size = tuple(int(s) for s in local_size) if local_views else (1, 1)
+        self.local_scale = np.array(local_scale, dtype=np.float64)
         # seed: None draws from the threads' RNGs (not reproducible); an int makes each sample's crops a function of
         # (seed, sample index, first and last index of its batch, its slot), so a RANDOM-order epoch (seeded) gives
         # the same views on every run whatever the thread scheduling: what exact resumption needs.
@@ -83,6 +96,8 @@ class MultiViewRandomResizedCropDecoder(SimpleRGBImageDecoder):
         max_width = np.uint64(self.metadata["width"].max())
         max_height = np.uint64(self.metadata["height"].max())
         out_shape = (self.num_views, self.output_size[0], self.output_size[1], 3)
+        if self.local_views:  # flat rows: the global views' bytes, then the local views'
+            out_shape = (int(np.prod(out_shape)) + self.local_views * self.local_size[0] * self.local_size[1] * 3,)
         u8 = np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
                 (AllocationQuery(out_shape, u8),  # the views
@@ -95,11 +110,18 @@ class MultiViewRandomResizedCropDecoder(SimpleRGBImageDecoder):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop if self.interpolation == "area" else bilinear_resize_crop)
         get_crop_c = Compiler.compile(get_random_crop)
-        scale, ratio, num_views, flip_prob, seed = self.scale, self.ratio, self.num_views, self.flip_prob, self.seed
+        ratio, num_views, flip_prob, seed = self.ratio, self.num_views, self.flip_prob, self.seed
+        # every view of a sample as (height, width, byte offset in its row, scale min, scale max): globals, locals
+        sizes = [(self.output_size, self.scale)] * num_views + [(self.local_size, self.local_scale)] * self.local_views
+        layout, offset = np.zeros((len(sizes), 5)), 0
+        for v, ((height, width), (lo, hi)) in enumerate(sizes):
+            layout[v] = height, width, offset, lo, hi
+            offset += height * width * 3
         prime = 4294967291  # largest prime below 2**32: keeps every product below 2**63
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
+            rows = destination.reshape(destination.shape[0], -1)  # each sample's views, flat
             for dst_ix in my_range(len(batch_indices)):
                 sample = batch_indices[dst_ix]
                 field = metadata[sample]
@@ -116,9 +138,10 @@ class MultiViewRandomResizedCropDecoder(SimpleRGBImageDecoder):
                     image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
-                for v in range(num_views):
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    view = destination[dst_ix, v]  # [H, W, 3]
+                for v in range(layout.shape[0]):
+                    out_h, out_w, start = int(layout[v, 0]), int(layout[v, 1]), int(layout[v, 2])
+                    i, j, h, w = get_crop_c(height, width, layout[v, 3:5], ratio)
+                    view = rows[dst_ix, start:start + out_h * out_w * 3].reshape(out_h, out_w, 3)
                     resize_crop_c(image, i, i + h, j, j + w, view)
                     if np.random.rand() < flip_prob:
                         view[:] = view[:, ::-1].copy()
@@ -126,3 +149,25 @@ class MultiViewRandomResizedCropDecoder(SimpleRGBImageDecoder):
 
         decode.is_parallel = True
         return decode
+
+
+def split_views(batch, num_views, size, local_views, local_size):
+    """A batch of MultiViewRandomResizedCropDecoder rows (a tensor or array) -> (global views [B, V, H, W, 3], local
+    views [B, L, h, w, 3] or None), views of the same memory (no copy). Rows without local views pass through."""
+    if not local_views:
+        return batch, None
+    B, (H, W), (h, w) = batch.shape[0], size, local_size
+    n = num_views * H * W * 3
+    if batch.shape[1:] != (n + local_views * h * w * 3,):
+        raise ValueError(f"rows of {tuple(batch.shape[1:])} bytes do not hold {num_views} views of {H}x{W} and "
+                         f"{local_views} of {h}x{w}")
+    return (batch[:, :n].reshape(B, num_views, H, W, 3), batch[:, n:].reshape(B, local_views, h, w, 3))
+
+
+def join_views(views, local_views=None):
+    """The inverse of split_views on tensors: global views [B, V, H, W, 3] and local views [B, L, h, w, 3] (or
+    None) -> the decoder's rows (loader-format batches for tests and benchmarks)."""
+    import torch
+    if local_views is None:
+        return views
+    return torch.cat([views.flatten(1), local_views.flatten(1)], 1)

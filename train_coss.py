@@ -33,8 +33,8 @@ from augment import ViewAugment
 from config import VERSION as __version__
 from config import ConfigError, as_dict, help_text, load_config, print_config
 from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
-from losses import (byol_loss, cosine_distance, cross_view_info_nce, ema_update, local_global_info_nce,
-                    local_global_regression, logo_affinity_losses, mix, nt_xent)
+from losses import (cosine_distance, cross_view_info_nce, ema_update, logo_affinity_losses, mix, multicrop_byol,
+                    multicrop_local_info_nce, multicrop_local_regression, multicrop_nt_xent)
 from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
 from rf_resnet import build_backbone, memory_format
 from write_ffcv import BetonError, quiet_numba_finalizers
@@ -110,13 +110,32 @@ def num_images_and_classes(path):
     return len(labels), int(labels.max()) + 1
 
 
+class ViewPlan(NamedTuple):
+    """The views of every image: n_global at augment.res with scale global_scale (the targets come from these) and
+    n_local at local_res with scale local_scale; all cut from one decode."""
+    n_global: int
+    global_scale: tuple
+    n_local: int
+    local_res: int
+    local_scale: tuple
+
+
+def view_plan(cfg):
+    """LoGo's 2 global + 2 local crops (its method.logo_* keys), or augment's global_views + local_views."""
+    if cfg["method.logo"]:
+        return ViewPlan(2, (cfg["method.logo_global_cmin"], 1.0), 2, cfg["method.logo_local_res"],
+                        (0.05, cfg["method.logo_local_cmax"]))
+    return ViewPlan(cfg["augment.global_views"], (cfg["augment.c_min"], 1.0), cfg["augment.local_views"],
+                    cfg["augment.local_res"], (cfg["augment.local_cmin"], cfg["augment.local_cmax"]))
+
+
 def train_loader(cfg, path, indices, world, res):
-    """data.decode=cpu: per sample, views [V, res, res, 3] uint8 cut from one decode (+ LoGo's two local crops)
-    and the label; the crop decoders are returned so progressive resolution can resize them.
+    """data.decode=cpu: per sample, every view cut from one decode (multiview_decoder: [V, res, res, 3] uint8, or
+    flat rows of global and local views, split by split_views) and the label; the crop decoder is returned so
+    progressive resolution can resize it.
     data.decode=gpu: per sample, the stored bytes (gpu_views.ImageBytesDecoder) and the label; no decoders."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import ToTensor
     from multiview_decoder import MultiViewRandomResizedCropDecoder
     seed = cfg["training.seed"]
@@ -126,47 +145,51 @@ def train_loader(cfg, path, indices, world, res):
         pipelines = {"image": [ImageBytesDecoder(max_image_bytes(path)), ToTensor()],
                      "label": [IntDecoder(), ToTensor()]}
     else:
-        decoders = [MultiViewRandomResizedCropDecoder((res, res), 2, scale=(global_cmin(cfg), 1.0),
-                                                      interpolation=cfg["augment.interpolation"], seed=seed)]
+        plan = view_plan(cfg)
+        decoders = [MultiViewRandomResizedCropDecoder(
+            (res, res), plan.n_global, scale=plan.global_scale, interpolation=cfg["augment.interpolation"], seed=seed,
+            local_size=(plan.local_res, plan.local_res), local_views=plan.n_local, local_scale=plan.local_scale)]
         pipelines = {"image": [decoders[0], ToTensor()], "label": [IntDecoder(), ToTensor()]}
-        if cfg["method.logo"]:  # a second decoder on the same field: the local crops (a second decode of the image)
-            local = cfg["method.logo_local_res"]
-            pipelines["local"] = PipelineSpec("image", decoder=MultiViewRandomResizedCropDecoder(
-                (local, local), 2, scale=(0.05, cfg["method.logo_local_cmax"]),
-                interpolation=cfg["augment.interpolation"], seed=seed + 1), transforms=[ToTensor()])
     loader = Loader(path, batch_size=cfg["optim.batch_size"], num_workers=cfg["augment.workers"],
                     order=OrderOption.RANDOM, seed=seed, indices=indices, drop_last=True, distributed=world > 1,
                     pipelines=pipelines)
     return loader, decoders
 
 
-def global_cmin(cfg):
-    return cfg["method.logo_global_cmin"] if cfg["method.logo"] else cfg["augment.c_min"]
-
-
 def view_augments(cfg):
+    """(the global views' ViewAugments, the local views'): global view i takes BYOL's view 1 or 2 policy (i even or
+    odd: blur p_blur1/2, solarize p_solarize1/2); LoGo's local pair the same two; multi-crop local views DINO's
+    local policy (blur p_blur_local, solarize p_solarize_local)."""
+    plan = view_plan(cfg)
     common = dict(p_jitter=cfg["augment.p_jitter"], brightness=cfg["augment.brightness"],
                   contrast=cfg["augment.contrast"], saturation=cfg["augment.saturation"], hue=cfg["augment.hue"],
                   p_gray=cfg["augment.p_gray"])
-    return (ViewAugment(p_blur=cfg["augment.p_blur1"], p_solarize=cfg["augment.p_solarize1"], **common),
+    pair = (ViewAugment(p_blur=cfg["augment.p_blur1"], p_solarize=cfg["augment.p_solarize1"], **common),
             ViewAugment(p_blur=cfg["augment.p_blur2"], p_solarize=cfg["augment.p_solarize2"], **common))
+    local = ViewAugment(p_blur=cfg["augment.p_blur_local"], p_solarize=cfg["augment.p_solarize_local"], **common)
+    globals_ = tuple(pair[i % 2] for i in range(plan.n_global))
+    locals_ = tuple(pair[i % 2] if cfg["method.logo"] else local for i in range(plan.n_local))
+    return globals_, locals_
 
 
 def view_maker(cfg, device):
-    """batch from the train loader -> (views, LoGo's local views or None, labels) on `device`: two normalised float
-    [B, 3, res, res] channels-last tensors (and two at logo_local_res), per-sample augmentations."""
-    augments = view_augments(cfg)
+    """batch from the train loader -> (global views, local views or None, labels) on `device`: tuples of
+    normalised float [B, 3, res, res] and [B, 3, local_res, local_res] channels-last tensors, per-sample
+    augmentations drawn from the step's generator."""
+    from multiview_decoder import split_views
+    plan = view_plan(cfg)
+    augments, local_augments = view_augments(cfg)
     fmt = memory_format(cfg["training.channels_last"])
     if cfg["data.decode"] == "gpu":
         from gpu_views import GPUViews, upload
         dtype = torch.bfloat16 if device.type == "cuda" and cfg["training.bf16"] else torch.float32
-        globals_ = GPUViews(augments, (global_cmin(cfg), 1.0), out_dtype=dtype, backend=cfg["training.kernels"])
-        locals_ = GPUViews(augments, (0.05, cfg["method.logo_local_cmax"]), out_dtype=dtype,
-                           backend=cfg["training.kernels"])
+        globals_ = GPUViews(augments, plan.global_scale, out_dtype=dtype, backend=cfg["training.kernels"])
+        locals_ = GPUViews(local_augments, plan.local_scale, out_dtype=dtype, backend=cfg["training.kernels"]) \
+            if plan.n_local else None
 
         def make(batch, res, gen):
             images = upload(batch[0], device)  # one decode per image for all views
-            local = locals_(images, cfg["method.logo_local_res"], gen) if cfg["method.logo"] else None
+            local = locals_(images, plan.local_res, gen) if locals_ is not None else None
             views = globals_(images, res, gen)  # the crop kernels write channels-last
             if fmt != torch.channels_last:
                 views = tuple(v.contiguous(memory_format=fmt) for v in views)
@@ -174,12 +197,13 @@ def view_maker(cfg, device):
             return views, local, batch[1].to(device, non_blocking=True).view(-1).long()
     else:
         def make(batch, res, gen):
-            views_u8 = batch[0].to(device, non_blocking=True)                       # [B, 2, res, res, 3]
+            rows = batch[0].to(device, non_blocking=True)
+            views_u8, local_u8 = split_views(rows, plan.n_global, (res, res), plan.n_local,
+                                             (plan.local_res, plan.local_res))  # [B, V, res, res, 3], [B, L, ...]
             views = tuple(aug(views_u8[:, v], gen, memory_format=fmt) for v, aug in enumerate(augments))
             local = None
-            if cfg["method.logo"]:
-                local_u8 = batch[2].to(device, non_blocking=True)
-                local = tuple(aug(local_u8[:, v], gen, memory_format=fmt) for v, aug in enumerate(augments))
+            if local_u8 is not None:
+                local = tuple(aug(local_u8[:, v], gen, memory_format=fmt) for v, aug in enumerate(local_augments))
             return views, local, batch[1].to(device, non_blocking=True).view(-1).long()
     return make
 
@@ -337,6 +361,9 @@ class LossSpec(NamedTuple):
     kernels: str
     logo_clip: float
     logo_lambda: float
+    logo: bool
+    n_global: int
+    n_local: int
 
 
 def loss_spec(cfg):
@@ -346,8 +373,10 @@ def loss_spec(cfg):
     kernels = cfg["training.kernels"]
     if cfg["training.compile"] and kernels == "auto":
         kernels = "ref"
+    plan = view_plan(cfg)
     return LossSpec(cfg["method.name"], cfg["method.w_s"], cfg["method.temperature"], cfg["method.mixing"], kernels,
-                    cfg["method.logo_clip"], cfg["method.logo_lambda"])
+                    cfg["method.logo_clip"], cfg["method.logo_lambda"], cfg["method.logo"], plan.n_global,
+                    plan.n_local)
 
 
 def pack_views(views, fuse):
@@ -380,31 +409,34 @@ def forward_views(net, packed, n_views, **kwargs):
 
 
 def method_loss(spec, online, target, packed, local_packed, affinity):
-    """The method's loss on packed views (pack_views). spec: LossSpec; online: the online network (maybe DDP);
-    target: the EMA network or None. Returns (loss to minimise, affinity loss or None, dict of logged terms,
-    view 1's pooled features)."""
+    """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
+    LossSpec; online: the online network (maybe DDP); target: the EMA network or None. The multi-crop rule of
+    losses.py's table (LoGo: its own terms on its 2 + 2 views). Returns (loss to minimise, affinity loss or None,
+    dict of logged terms, global view 1's pooled features)."""
     name, w_s, T = spec.name, spec.w_s, spec.temperature
-    o1, o2 = forward_views(online, packed, 2)
+    outs = forward_views(online, packed, spec.n_global)                     # the global views, local heads on
+    locs = forward_views(online, local_packed, spec.n_local, local=False) if local_packed is not None else []
+    crops = outs + ([] if spec.logo else locs)                              # the views of the multi-crop rule
     terms = {}
     if name in BYOL_FAMILY:
-        t1, t2 = forward_views(target, packed, 2)
-        loss = terms["global"] = byol_loss(o1["p"], o2["p"], t1, t2)
+        targets = forward_views(target, packed, spec.n_global)
+        loss = terms["global"] = multicrop_byol([o["p"] for o in crops], targets)
         if name == "co_byol":
-            terms["local"] = local_global_regression(o1["P"], o2["P"], t1, t2, spec.kernels)
+            terms["local"] = multicrop_local_regression([o["P"] for o in outs], targets, spec.kernels)
             loss = mix(loss, terms["local"], w_s, spec.mixing)
     else:
-        z1_all, z2_all = gather_with_grad(o1["z"]), gather_with_grad(o2["z"])
-        offset = (dist.get_rank() * o1["z"].shape[0]) if z1_all.shape[0] != o1["z"].shape[0] else 0
-        loss = terms["global"] = nt_xent(o1["z"], o2["z"], T, z1_all, z2_all, offset)
+        gathered = [gather_with_grad(o["z"]) for o in outs]
+        offset = (dist.get_rank() * outs[0]["z"].shape[0]) if gathered[0].shape[0] != outs[0]["z"].shape[0] else 0
+        loss = terms["global"] = multicrop_nt_xent([o["z"] for o in crops], spec.n_global, T, gathered, offset)
         if name == "co_simclr":
-            terms["local"] = local_global_info_nce(o1["P"], o2["P"], o1["z"], o2["z"], T, z1_all, z2_all, offset,
-                                                   backend=spec.kernels)
+            terms["local"] = multicrop_local_info_nce([o["P"] for o in outs], [o["z"] for o in outs], T, gathered,
+                                                      offset, backend=spec.kernels)
             loss = mix(loss, terms["local"], w_s, spec.mixing)
     affinity_loss = None
-    if local_packed is not None:  # LoGo: L_gg (above) + L_lg + lambda L_ll
-        l1, l2 = forward_views(online, local_packed, 2, local=False)
+    if spec.logo:  # LoGo: L_gg (above) + L_lg + lambda L_ll
+        (o1, o2), (l1, l2) = outs, locs
         if name in BYOL_FAMILY:
-            lg = sum(cosine_distance(l["p"], t).mean() for l in (l1, l2) for t in (t1, t2))
+            lg = sum(cosine_distance(l["p"], t).mean() for l in (l1, l2) for t in targets)
         else:
             lg = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2) for g in (o1, o2))
         terms["local_global"] = lg
@@ -413,7 +445,7 @@ def method_loss(spec, online, target, packed, local_packed, affinity):
         loss = loss + lg + (0.0 if spec.logo_clip else spec.logo_lambda * terms["local_local"])
         terms["affinity"] = affinity_loss
     terms["loss"] = loss
-    return loss, affinity_loss, terms, o1["y"]
+    return loss, affinity_loss, terms, outs[0]["y"]
 
 
 def backward_with_relative_clip(main, extra, params, clip):
@@ -846,6 +878,15 @@ def check_options(cfg, num_train, world):
         raise TrainingError(f"method.logo=1 needs method.name byol or simclr (LoGo's bases), got {name}")
     if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
         raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
+    if cfg["augment.global_views"] < 2:
+        raise TrainingError(f"augment.global_views={cfg['augment.global_views']}: every method needs at least 2 "
+                            f"global views (the targets come from them)")
+    if cfg["augment.local_cmin"] > cfg["augment.local_cmax"]:
+        raise TrainingError(f"augment.local_cmin={cfg['augment.local_cmin']} is above augment.local_cmax="
+                            f"{cfg['augment.local_cmax']}")
+    if cfg["method.logo"] and (cfg["augment.global_views"] != 2 or cfg["augment.local_views"]):
+        raise TrainingError("method.logo=1 makes its own 2 global + 2 local views (method.logo_local_res, "
+                            "logo_global_cmin, logo_local_cmax); leave augment.global_views=2 and local_views=0")
     if cfg["method.logo_clip"] and world > 1:
         raise TrainingError("method.logo_clip is single-process only for now; use method.logo_lambda under torchrun")
     if cfg["optim.batch_size"] * world > num_train:

@@ -112,14 +112,14 @@ def cpu_fma_peak(threads=None):
 
 
 def train_flops_per_image(cfg, online, target, res):
-    """2 x MACs; fwd + bwd = 3 x fwd for the online net on each view; one forward of the target per view."""
-    on = count_flops(online, res)
-    flops = 2 * (2 * 3 * on)
+    """2 x MACs; fwd + bwd = 3 x fwd for the online net on each view (global views at res, local views at
+    local_res); one forward of the target per global view."""
+    plan = train_coss.view_plan(cfg)
+    flops = 2 * (plan.n_global * 3 * count_flops(online, res))
     if target is not None:
-        flops += 2 * (2 * count_flops(target, res))
-    if cfg["method.logo"]:
-        local = cfg["method.logo_local_res"]
-        flops += 2 * (2 * 3 * count_flops(online, local))
+        flops += 2 * (plan.n_global * count_flops(target, res))
+    if plan.n_local:
+        flops += 2 * (plan.n_local * 3 * count_flops(online, plan.local_res))
     return flops
 
 

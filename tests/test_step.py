@@ -16,13 +16,18 @@ def _cfg(*extra):
     return load_config(None, TINY + ["--training.log_every=2", *extra])
 
 
-def _batches(n, res=16, local_res=8, batch=16, seed=0):
-    """Loader-format batches (the CPU path): uint8 views [B, 2, res, res, 3], labels [B, 1], and LoGo's local pair."""
+def _batches(n, res=16, local_res=8, batch=16, seed=0, global_views=2, local_views=0):
+    """Loader-format batches (the CPU path): uint8 views [B, 2, res, res, 3] and labels [B, 1]; with local views
+    (LoGo's pair, multi-crop) the decoder's flat rows of global and local views (multiview_decoder.join_views)."""
+    from multiview_decoder import join_views
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 256, (batch, 2, res, res, 3), dtype=torch.uint8, generator=g),
-             torch.randint(0, 10, (batch, 1), generator=g),
-             torch.randint(0, 256, (batch, 2, local_res, local_res, 3), dtype=torch.uint8, generator=g))
-            for _ in range(n)]
+    out = []
+    for _ in range(n):
+        views = torch.randint(0, 256, (batch, global_views, res, res, 3), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (batch, 1), generator=g)
+        local = torch.randint(0, 256, (batch, local_views, local_res, local_res, 3), dtype=torch.uint8, generator=g)
+        out.append((join_views(views, local if local_views else None), labels))
+    return out
 
 
 def _build(*extra, frozen_bn=False, double=False):
@@ -76,15 +81,20 @@ def _assert_same(a, b, rtol, atol, state_rtol=None):
 
 
 METHODS = [("byol", 0), ("co_byol", 0), ("simclr", 0), ("co_simclr", 0), ("byol", 1)]
+MULTI_CROP = [("co_byol", 2, 3), ("co_simclr", 3, 2), ("byol", 2, 2), ("simclr", 3, 1)]  # method, global, local
 
 
-@pytest.mark.parametrize("method,logo", METHODS)
-def test_fused_views_equal_two_forwards_when_batchnorm_uses_running_statistics(method, logo):
-    """One forward of a 2B batch per network = two forwards of B when BatchNorm does not look at the batch. The
-    convolutions of a 2B batch may sum in another order than those of B (oneDNN picks its blocking by shape), so
-    in float64: three steps within 1e-9 of each tensor's scale."""
+@pytest.mark.parametrize("method,logo,views", [(m, lg, (2, 2 * lg)) for m, lg in METHODS] +
+                         [(m, 0, (g, loc)) for m, g, loc in MULTI_CROP])
+def test_fused_views_equal_two_forwards_when_batchnorm_uses_running_statistics(method, logo, views):
+    """One forward of a V·B batch per network = V forwards of B when BatchNorm does not look at the batch (also
+    with multi-crop: the global views fused, the local views fused). The convolutions of a larger batch may sum in
+    another order (oneDNN picks its blocking by shape), so in float64: three steps within 1e-9 of each tensor's
+    scale."""
     args = [f"--method.name={method}", f"--method.logo={logo}"]
-    batches = _batches(3)
+    if not logo:
+        args += [f"--augment.global_views={views[0]}", f"--augment.local_views={views[1]}", "--augment.local_res=8"]
+    batches = _batches(3, global_views=views[0], local_views=views[1])
     per_view = _build(*args, "--training.fuse_views=0", frozen_bn=True, double=True)
     fused = _build(*args, "--training.fuse_views=1", frozen_bn=True, double=True)
     _assert_same((_steps(per_view, batches), per_view), (_steps(fused, batches), fused), 1e-9, 1e-12)
