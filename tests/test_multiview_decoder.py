@@ -115,3 +115,100 @@ def test_bilinear_resize_crop_matches_opencv_inter_linear(jit):
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         MultiViewRandomResizedCropDecoder((8, 8), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-crop: global and local views of two sizes from one decode.
+
+def _write_images(path, images, mode):
+    """A beton of the given uint8 [h, w, 3] images (label = index) written with FFCV's own writer."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Images:
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i], i
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode=mode, jpeg_quality=95), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(Images())
+    return str(path)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+def test_every_view_of_a_sample_comes_from_its_own_image(tmp_path, mode):
+    """One colour per image: every global and every local view of sample i is image i's colour, in a shuffled,
+    seeded multi-crop epoch with several loader threads (the views are cut from that sample's one decode)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    from multiview_decoder import split_views
+    rng = np.random.default_rng(0)
+    colours = rng.permutation(np.array([(r, g, b) for r in (20, 110, 200) for g in (30, 120, 210)
+                                        for b in (40, 230)], np.uint8))                  # 18 colours, >= 90 apart
+    sizes = rng.integers(20, 60, size=(len(colours), 2))
+    images = [np.broadcast_to(c, (h, w, 3)).copy() for c, (h, w) in zip(colours, sizes)]
+    path = _write_images(tmp_path / f"colours_{mode}.beton", images, mode)
+    decoder = MultiViewRandomResizedCropDecoder((12, 12), num_views=2, seed=5, local_size=(6, 6), local_views=4)
+    loader = Loader(path, batch_size=5, num_workers=2, order=OrderOption.RANDOM, seed=1, drop_last=False,
+                    pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    seen = 0
+    for rows, labels in loader:
+        views, local = split_views(rows, 2, (12, 12), 4, (6, 6))
+        assert views.shape[1:] == (2, 12, 12, 3) and local.shape[1:] == (4, 6, 6, 3)
+        for b, i in enumerate(labels.view(-1).tolist()):
+            for v in [*views[b], *local[b]]:
+                assert np.abs(v.numpy().astype(int) - colours[i]).max() <= (0 if mode == "raw" else 3)
+            seen += 1
+    assert seen == len(colours)
+
+
+def _crop_sides(views, channel):
+    """Each view's crop side along rows (channel 0 encodes the row) or columns (channel 1 the column) of a
+    coordinate image (value = 4 x position): the slope of the value between the interior output pixels."""
+    n = views.shape[1]
+    lines = views[..., channel].astype(np.float64)
+    lines = lines.mean(2) if channel == 0 else np.sort(lines.mean(1), axis=1)           # per output row / column
+    slope = (lines[:, n - 3] - lines[:, 2]) / (n - 5)
+    return np.abs(slope) * n / 4
+
+
+@pytest.mark.timeout(300)
+def test_global_and_local_crop_areas_follow_their_scales(tmp_path):
+    """The decoder's global crops follow scale (c_min, 1) and its local crops (local_cmin, local_cmax): the crop
+    boxes read back from a coordinate image have the area law of FFCV's sampler at each scale (KS test)."""
+    from ffcv.fields.rgb_image import get_random_crop
+    from test_crop import _ks
+    side, n_images = 64, 400
+    y, x = np.mgrid[:side, :side]
+    image = np.stack([4 * y, 4 * x, np.zeros_like(y)], -1).astype(np.uint8)
+    path = _write_images(tmp_path / "coords.beton", [image] * n_images, "raw")
+    g_scale, l_scale = (0.3, 1.0), (0.05, 0.14)
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    from multiview_decoder import split_views
+    decoder = MultiViewRandomResizedCropDecoder((32, 32), 2, scale=g_scale, seed=0, local_size=(16, 16),
+                                                local_views=6, local_scale=l_scale)
+    loader = Loader(path, batch_size=50, num_workers=2, order=OrderOption.RANDOM, seed=0,
+                    pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    got = {"global": [], "local": []}
+    for _ in range(3):  # three epochs: other batches, other crops
+        rows = np.concatenate([r.numpy().copy() for r, _ in loader])
+        views, local = split_views(rows, 2, (32, 32), 6, (16, 16))
+        for name, v in (("global", views.reshape(-1, 32, 32, 3)), ("local", local.reshape(-1, 16, 16, 3))):
+            got[name].append(np.round(_crop_sides(v, 0)) * np.round(_crop_sides(v, 1)))
+    np.random.seed(0)
+    ratio = np.array([3 / 4, 4 / 3])
+    for name, scale in (("global", g_scale), ("local", l_scale)):
+        ffcv = np.array([np.prod(get_random_crop(side, side, np.array(scale), ratio)[2:]) for _ in range(20000)])
+        ours = np.concatenate(got[name])
+        assert len(ours) >= 2400
+        # 1 % critical value of the two-sample KS test at these sizes is about 0.035 (global) / 0.025 (local);
+        # the areas read back carry a little rounding, hence the margin
+        assert _ks(ffcv, ours) < 0.05, name
+        assert scale[0] * side * side * 0.9 <= np.median(ours) <= scale[1] * side * side
+    # the two laws are far apart: the test can tell one scale from the other
+    assert _ks(np.concatenate(got["global"]), np.concatenate(got["local"])) > 0.9
