@@ -127,9 +127,9 @@ def multicrop_local_regression(P, targets, backend="auto"):
     """CO-BYOL's local term with G >= 2 global views. P: their local predictions [B, L, D]; targets: their target
     projections [B, D]. 2/|P_G| sum over the global pairs; local_global_regression when G = 2."""
     from kernels.local_global_cosine import local_global_cosine
-    pairs = crop_pairs(len(targets), len(P))
     if len(P) != len(targets):
         raise ValueError(f"{len(P)} local maps for {len(targets)} global views")
+    pairs = crop_pairs(len(targets), len(P))
     for v, g in pairs:
         check_local("multicrop_local_regression", P[v], P[g], targets[v], targets[g])
     return (2 / len(pairs)) * sum(local_global_cosine(P[v], targets[g], backend=backend) for v, g in pairs)
@@ -183,9 +183,9 @@ def multicrop_local_info_nce(P, zs, temperature, gathered=None, offset=0, backen
     """CO-SimCLR's local term with G >= 2 global views. P: their local embeddings [B, L, D]; zs: their global
     embeddings [B, D]; gathered / offset as multicrop_nt_xent. Mean over the global pairs, images and locations;
     local_global_info_nce (the fused kernel) when G = 2."""
-    pairs = crop_pairs(len(zs), len(P))
     if len(P) != len(zs):
         raise ValueError(f"{len(P)} local maps for {len(zs)} global views")
+    pairs = crop_pairs(len(zs), len(P))
     if len(zs) == 2:
         c = gathered if gathered is not None else (None, None)
         return local_global_info_nce(P[0], P[1], zs[0], zs[1], temperature, c[0], c[1], offset, backend)
