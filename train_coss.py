@@ -878,9 +878,6 @@ def check_options(cfg, num_train, world):
         raise TrainingError(f"method.logo=1 needs method.name byol or simclr (LoGo's bases), got {name}")
     if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
         raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
-    if cfg["augment.global_views"] < 2:
-        raise TrainingError(f"augment.global_views={cfg['augment.global_views']}: every method needs at least 2 "
-                            f"global views (the targets come from them)")
     if cfg["augment.local_cmin"] > cfg["augment.local_cmax"]:
         raise TrainingError(f"augment.local_cmin={cfg['augment.local_cmin']} is above augment.local_cmax="
                             f"{cfg['augment.local_cmax']}")
