@@ -6,18 +6,20 @@
 What it does, on one set of synthetic ImageNet-like JPEGs (330-500 px a side, ~75 KB at quality 90, made once and cached
 under bench/_data):
   (a) writes a JPEG beton (write_mode=jpg, q=90) and a raw-pixel beton with write_ffcv.py, timing img/s;
-  (b) reads two independent views per image (RandomResizedCrop to --res + horizontal flip, uint8 out) with
-      - torchvision: ImageFolder + PIL + DataLoader (one decode per image, two crops of the PIL image)
-      - FFCV, two pipelines on one field (how plain FFCV makes two views: it decodes each image twice)
-      - FFCV, MultiViewRandomResizedCropDecoder (decodes each image once, cuts both views), with FFCV's INTER_AREA
+  (b) reads the views of each image, for three kinds: 2 views (RandomResizedCrop to --res + flip, uint8 out),
+      LoGo's 2 global + 2 local crops (--local-res) and multi-crop 2 global + --local-views local crops (DINO's
+      scales), each with
+      - torchvision: ImageFolder + PIL + DataLoader (one decode per image, every view cropped from the PIL image)
+      - plain FFCV: one pipeline per view on one field (FFCV's way to several views: it decodes each image again
+        for every view)
+      - ours: MultiViewRandomResizedCropDecoder, every view of both sizes from one decode, with FFCV's INTER_AREA
         resize and with our bilinear one
       on the JPEG beton and on the raw-pixel beton, with the same number of workers and batch size;
-    - with CUDA (or --gpu 1): the data.decode=gpu path, FFCV handing over the stored bytes, nvJPEG decoding each
-      image once and kernels/crop.py cutting the views (crop, flip, colour jitter, gray, blur, solarize, normalise:
-      the CPU readers above stop at uint8 crops, so this one does more work), for two views and for LoGo's
-      2 global + 2 local (--local-res) crops; and the CPU path's LoGo crops (a second pipeline for the local pair).
+    - with CUDA (or --gpu 1): the data.decode=gpu path for each kind, FFCV handing over the stored bytes, nvJPEG
+      decoding each image once and kernels/crop.py cutting the views (crop, flip, colour jitter, gray, blur,
+      solarize, normalise: the CPU readers above stop at uint8 crops, so this one does more work).
 Each reader runs one untimed warm-up epoch (numba compilation, page cache), then --epochs timed epochs; the
-median epoch gives img/s (one image = two views). Ratios are against the torchvision loader.
+median epoch gives img/s (one image = all its views). Ratios are against the torchvision loader of the same kind.
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -105,29 +108,52 @@ def time_epochs(make_iter, n_images, epochs):
     return n_images / statistics.median(times)
 
 
-def torchvision_reader(tree, res, workers, batch):
+class Views(NamedTuple):
+    """What a reader cuts from each image: n_global crops at res (scale g_scale) and n_local at local_res."""
+    name: str
+    n_global: int
+    res: int
+    g_scale: tuple
+    n_local: int = 0
+    local_res: int = 0
+    l_scale: tuple = (0.05, 0.14)
+
+    def sides(self):
+        return [(self.res, self.g_scale)] * self.n_global + [(self.local_res, self.l_scale)] * self.n_local
+
+
+def torchvision_reader(tree, views, workers, batch):
+    """ImageFolder + PIL + DataLoader: each image decoded once by PIL, every view cropped from it."""
     import torch
     from torchvision import datasets, transforms
 
-    one_view = transforms.Compose([transforms.RandomResizedCrop(res, antialias=True),
+    def crop(side, scale):
+        return transforms.Compose([transforms.RandomResizedCrop(side, scale=scale, antialias=True),
                                    transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+    global_view, local_view = crop(views.res, views.g_scale), crop(views.local_res or views.res, views.l_scale)
 
-    class TwoViews:
-        def __call__(self, img):  # the PIL image is decoded once, cropped twice
-            return torch.stack([one_view(img), one_view(img)])
+    class MultiView:
+        def __call__(self, img):
+            out = torch.stack([global_view(img) for _ in range(views.n_global)])
+            if views.n_local:
+                return out, torch.stack([local_view(img) for _ in range(views.n_local)])
+            return out
 
-    ds = datasets.ImageFolder(os.path.join(tree, "train"), transform=TwoViews())
+    ds = datasets.ImageFolder(os.path.join(tree, "train"), transform=MultiView())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
                                          persistent_workers=True, drop_last=False)
 
     def run():
-        for views, _ in loader:
-            assert views.shape[1:] == (2, 3, res, res) and views.dtype == torch.uint8
-            yield views.shape[0]
+        for out, _ in loader:
+            first = out[0] if views.n_local else out
+            assert first.shape[1:] == (views.n_global, 3, views.res, views.res) and first.dtype == torch.uint8
+            yield first.shape[0]
     return run, len(ds)
 
 
-def ffcv_reader(path, res, workers, batch, decode_once, interpolation="area"):
+def ffcv_reader(path, views, workers, batch, decode_once, interpolation="area"):
+    """decode_once: MultiViewRandomResizedCropDecoder (every view from one decode); otherwise plain FFCV, one
+    pipeline per view on the same field (RandomResizedCrop + flip), each decoding the image again."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -135,71 +161,53 @@ def ffcv_reader(path, res, workers, batch, decode_once, interpolation="area"):
     from ffcv.transforms import RandomHorizontalFlip, ToTensor
     from multiview_decoder import MultiViewRandomResizedCropDecoder
     if decode_once:
-        pipelines = {"image": [MultiViewRandomResizedCropDecoder((res, res), num_views=2, interpolation=interpolation),
-                               ToTensor()],
-                     "label": [IntDecoder(), ToTensor()]}
+        decoder = MultiViewRandomResizedCropDecoder(
+            (views.res, views.res), num_views=views.n_global, scale=views.g_scale, interpolation=interpolation,
+            local_size=(views.local_res, views.local_res), local_views=views.n_local, local_scale=views.l_scale)
+        pipelines = {"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]}
     else:
-        pipelines = {"image": [RandomResizedCropRGBImageDecoder((res, res)), RandomHorizontalFlip(), ToTensor()],
-                     "image2": PipelineSpec("image", decoder=RandomResizedCropRGBImageDecoder((res, res)),
-                                            transforms=[RandomHorizontalFlip(), ToTensor()]),
-                     "label": [IntDecoder(), ToTensor()]}
+        pipelines = {"label": [IntDecoder(), ToTensor()]}
+        for v, (side, scale) in enumerate(views.sides()):
+            steps = [RandomResizedCropRGBImageDecoder((side, side), scale=scale), RandomHorizontalFlip(), ToTensor()]
+            pipelines["image" if v == 0 else f"image{v}"] = steps if v == 0 else \
+                PipelineSpec("image", decoder=steps[0], transforms=steps[1:])
     loader = Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
                     drop_last=False, pipelines=pipelines)
+    n_views = views.n_global + views.n_local
 
     def run():
         for out in loader:
             if decode_once:
-                assert out[0].shape[1:] == (2, res, res, 3)
+                assert out[0].shape[0] == out[1].shape[0]
             else:
-                assert sum(t.shape[1:] == (res, res, 3) for t in out) == 2  # image, label, image2
+                assert len(out) == n_views + 1  # every view's pipeline, and the label
             yield out[0].shape[0]
     return run, len(loader.indices)
 
 
-def ffcv_logo_reader(path, res, local_res, workers, batch):
-    """The CPU path of train_coss.py for LoGo: two global views from one decode, two local from a second."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.pipeline import PipelineSpec
-    from ffcv.transforms import ToTensor
-    from multiview_decoder import MultiViewRandomResizedCropDecoder
-    pipelines = {"image": [MultiViewRandomResizedCropDecoder((res, res), 2, scale=(0.4, 1.0),
-                                                             interpolation="bilinear"), ToTensor()],
-                 "local": PipelineSpec("image", decoder=MultiViewRandomResizedCropDecoder(
-                     (local_res, local_res), 2, scale=(0.05, 0.4), interpolation="bilinear"), transforms=[ToTensor()]),
-                 "label": [IntDecoder(), ToTensor()]}
-    loader = Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
-                    drop_last=False, pipelines=pipelines)
-
-    def run():
-        for out in loader:
-            yield out[0].shape[0]
-    return run, len(loader.indices)
-
-
-def gpu_reader(path, res, workers, batch, local_res=0):
+def gpu_reader(path, views, workers, batch):
     """data.decode=gpu: bytes from FFCV -> upload / nvJPEG -> crop_views (all views, augmented, bf16)."""
     import torch
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
-    from augment import byol_view_augments
+    from augment import ViewAugment, byol_view_augments
     from gpu_views import GPUViews, ImageBytesDecoder, max_image_bytes, upload
     device = torch.device("cuda")
     loader = Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
                     drop_last=False, pipelines={"image": [ImageBytesDecoder(max_image_bytes(path)), ToTensor()],
                                                 "label": [IntDecoder(), ToTensor()]})
-    augments = byol_view_augments()
-    global_views = GPUViews(augments, (0.4 if local_res else 0.08, 1.0))
-    local_views = GPUViews(augments, (0.05, 0.4))
+    pair = byol_view_augments()
+    global_views = GPUViews([pair[i % 2] for i in range(views.n_global)], views.g_scale)
+    local_views = GPUViews([ViewAugment(p_blur=0.5)] * views.n_local, views.l_scale) if views.n_local else None
     gen = torch.Generator(device=device).manual_seed(0)
 
     def run():
         for images_bytes, _ in loader:
             images = upload(images_bytes, device)
-            views = global_views(images, res, gen)
-            if local_res:
-                views += local_views(images, local_res, gen)
+            out = global_views(images, views.res, gen)
+            if local_views is not None:
+                out += local_views(images, views.local_res, gen)
             yield images_bytes.shape[0]
         torch.cuda.synchronize()  # sync: the epoch ends when the GPU has cut every view
     return run, len(loader.indices)
@@ -214,7 +222,8 @@ def main():
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per reader (after one warm-up epoch)")
     p.add_argument("--data", default=os.path.join(REPO, "bench", "_data"), help="cache for JPEGs and betons")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--local-res", type=int, default=96, help="LoGo readers: side of the two local crops, px")
+    p.add_argument("--local-res", type=int, default=96, help="LoGo and multi-crop readers: side of the local crops")
+    p.add_argument("--local-views", type=int, default=6, help="multi-crop readers: local crops per image")
     p.add_argument("--gpu", type=int, default=-1, help="1: add the data.decode=gpu readers (default: if CUDA)")
     p.add_argument("--skip-baselines", type=int, default=0, help="1: only the decode-once and GPU readers")
     args = p.parse_args()
@@ -225,41 +234,48 @@ def main():
     stats = tree_stats(tree)
     print(f"{args.images} JPEGs, mean {stats['mean_wh'][0]:.0f}x{stats['mean_wh'][1]:.0f} px, "
           f"{stats['mean_kb']:.0f} KB ({time.perf_counter() - t0:.0f} s to make or find); "
-          f"{args.workers} workers, batch {args.batch}, two views at {args.res} px")
+          f"{args.workers} workers, batch {args.batch}, global views at {args.res} px")
     written = write_betons(tree, args.data, args.workers)
 
-    readers = [("torchvision ImageFolder+PIL+DataLoader", lambda: torchvision_reader(tree, args.res, args.workers,
-                                                                                       args.batch))]
     import torch
     gpu = torch.cuda.is_available() if args.gpu < 0 else bool(args.gpu)
-    for mode in ("jpg", "raw"):
-        for once, interp in ((False, "area"), (True, "area"), (True, "bilinear")):
-            if args.skip_baselines and not (once and interp == "bilinear"):
-                continue
-            name = f"FFCV {mode} beton, " + (f"decode once, {interp}" if once else "two pipelines (plain FFCV)")
-            readers.append((name, lambda m=mode, o=once, i=interp: ffcv_reader(written[m]["path"], args.res,
-                                                                               args.workers, args.batch, o, i)))
-        readers.append((f"FFCV {mode} beton, LoGo 2+2 crops ({args.local_res} px local), CPU path",
-                        lambda m=mode: ffcv_logo_reader(written[m]["path"], args.res, args.local_res, args.workers,
-                                                        args.batch)))
-        if gpu:
-            readers.append((f"FFCV {mode} beton, data.decode=gpu, 2 views augmented",
-                            lambda m=mode: gpu_reader(written[m]["path"], args.res, args.workers, args.batch)))
-            readers.append((f"FFCV {mode} beton, data.decode=gpu, LoGo 2+2 augmented",
-                            lambda m=mode: gpu_reader(written[m]["path"], args.res, args.workers, args.batch,
-                                                      args.local_res)))
+    kinds = [Views("2 views", 2, args.res, (0.08, 1.0)),
+             Views(f"LoGo 2+2 ({args.local_res} px local)", 2, args.res, (0.4, 1.0), 2, args.local_res, (0.05, 0.4)),
+             Views(f"multi-crop 2+{args.local_views} ({args.local_res} px local)", 2, args.res, (0.08, 1.0),
+                   args.local_views, args.local_res, (0.05, 0.14))]
+    readers = []  # (views, reader name, builder); the first of each kind is its torchvision baseline
+    for kind in kinds:
+        if not args.skip_baselines:
+            readers.append((kind, "torchvision ImageFolder+PIL+DataLoader",
+                            lambda k=kind: torchvision_reader(tree, k, args.workers, args.batch)))
+        for mode in ("jpg", "raw"):
+            cases = [(False, "area"), (True, "area"), (True, "bilinear")]
+            for once, interp in cases:
+                if args.skip_baselines and not (once and interp == "bilinear"):
+                    continue
+                name = f"FFCV {mode} beton, " + (f"decode once, {interp}" if once else
+                                                 "one pipeline per view (plain FFCV)")
+                readers.append((kind, name, lambda k=kind, m=mode, o=once, i=interp: ffcv_reader(
+                    written[m]["path"], k, args.workers, args.batch, o, i)))
+            if gpu:
+                readers.append((kind, f"FFCV {mode} beton, data.decode=gpu, augmented",
+                                lambda k=kind, m=mode: gpu_reader(written[m]["path"], k, args.workers, args.batch)))
     results = []
-    for name, build in readers:
+    for kind, name, build in readers:
         run, n = build()
         rate = time_epochs(run, n, args.epochs)
-        results.append({"reader": name, "img_per_s": rate, "img_per_s_per_core": rate / args.workers})
-        print(f"read  {name:55s} {rate:8.0f} img/s (two views each)")
-    base = results[0]["img_per_s"]
-    print(f"\n| reader (two views / image, {args.res} px, {args.workers} workers) | img/s | img/s per core | vs torchvision |")
-    print("|---|---:|---:|---:|")
+        results.append({"views": kind.name, "reader": name, "img_per_s": rate,
+                        "img_per_s_per_core": rate / args.workers})
+        print(f"read  {kind.name:28s} {name:50s} {rate:8.0f} img/s")
+    print(f"\n| views ({args.res} px global, {args.workers} workers) | reader | img/s | img/s per core | "
+          f"vs torchvision |")
+    print("|---|---|---:|---:|---:|")
     for r in results:
+        base = next((b["img_per_s"] for b in results if b["views"] == r["views"] and
+                     b["reader"].startswith("torchvision")), float("nan"))
         r["ratio"] = r["img_per_s"] / base
-        print(f"| {r['reader']} | {r['img_per_s']:.0f} | {r['img_per_s_per_core']:.0f} | {r['ratio']:.2f}x |")
+        print(f"| {r['views']} | {r['reader']} | {r['img_per_s']:.0f} | {r['img_per_s_per_core']:.0f} | "
+              f"{r['ratio']:.2f}x |")
     print(f"\nwrite: jpg {written['jpg']['img_per_s']:.0f} img/s, raw {written['raw']['img_per_s']:.0f} img/s "
           f"({args.workers} workers, including the verification decode of every file)")
     if args.json:
