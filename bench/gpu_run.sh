@@ -7,7 +7,8 @@
 # (bench/throughput.py grid; THROUGHPUT_ARGS overrides it), profile (bench/profile_step.py: torch.profiler tables
 # and a Chrome trace of a few steps), step (bench_step.py: CO-BYOL R50 224), switches (the step's switches one by
 # one: profile with all off and all on, then throughput.py over compile x fuse_views x prefetch for CO-BYOL R18 160
-# and all off / all on for BYOL R18 160 and CO-BYOL R50 224; about 8 minutes on an H100).
+# and all off / all on for BYOL R18 160 and CO-BYOL R50 224; about 8 minutes on an H100), multicrop (BYOL and CO-BYOL
+# R18 224 with 2+0 and 2+6 views, GPU data path; not yet run).
 # Writes under $OUT (default ./gpu_out): gpu.txt and one .log (+ .json) per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,12 @@ for stage in "${stages[@]}"; do
       # shellcheck disable=SC2086
       python3 bench/profile_step.py ${PROFILE_ARGS:---method co_byol --backbone resnet18 --res 160 --decode gpu} \
         --out "$OUT/profile" 2>&1 | clean | tee "$OUT/profile.log" ;;
+    multicrop)  # multi-crop's cost: BYOL and CO-BYOL R18 224, 2+0 against 2+6 (96 px) views, GPU data path
+      for local in 0 6; do
+        python3 bench/throughput.py --images 20000 --method byol co_byol --backbone resnet18 --res 224 --decode gpu \
+          --steps 30 --warmup 15 --set augment.local_views=$local augment.local_res=96 \
+          --json "$OUT/multicrop_$local.json" 2>&1 | clean | tee "$OUT/multicrop_$local.log" | tail -2
+      done ;;
     step)
       python3 bench/bench_step.py --method byol co_byol --backbone resnet50 --res 224 --batch 256 2>&1 \
         | tee "$OUT/bench_step.log" ;;

@@ -218,6 +218,7 @@ def bench_cases(path, method, backbone, res, decode, args, device, peak):
         step_s, batch = statistics.median(case["windows"]), cfg["optim.batch_size"]
         img_s, flops = batch / step_s, train_flops_per_image(cfg, run.online, run.target, cfg["augment.res"])
         return {"method": cfg["method.name"] + ("+logo" if cfg["method.logo"] else "") if args.config else method,
+                "views": "{0.n_global}+{0.n_local}".format(train_coss.view_plan(cfg)),
                 "backbone": cfg["model.backbone"], "res": cfg["augment.res"], "decode": cfg["data.decode"],
                 "batch": batch, **case["switches"], "img_per_s": img_s, "step_ms": step_s * 1e3,
                 "windows_ms": [w * 1e3 for w in case["windows"]], "warmup_s": case["warmup_s"],
@@ -283,14 +284,14 @@ def main(argv=None):
                      f"{conv / 1e9:.0f} GFLOP/s")
     print(f"{hw}; torch {torch.__version__}; {what}; {args.workers} loader threads; {peak_text}; kernels "
           f"{args.kernels}")
-    print("| method | backbone | res | decode | compile | fuse views | prefetch | img/s | step ms | warm-up s "
+    print("| method | views | backbone | res | decode | compile | fuse views | prefetch | img/s | step ms | warm-up s "
           "| loader alone img/s | peak GiB | % roofline | IN-100 epoch s |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for method, backbone, res, decode in cases:
         for r in bench_cases(path, method, backbone, res, decode, args, device, peak):
             rows.append(r)
-            print(f"| {r['method']} | {r['backbone']} | {r['res']} | {r['decode']} | {r['compile']} | "
+            print(f"| {r['method']} | {r['views']} | {r['backbone']} | {r['res']} | {r['decode']} | {r['compile']} | "
                   f"{r['fuse_views']} | {r['prefetch']} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | "
                   f"{r['warmup_s']:.1f} | {r['loader_img_per_s']:.0f} | {r['peak_gib']:.1f} | "
                   f"{100 * r['roofline']:.1f} % | {r['in100_epoch_s']:.0f} |", flush=True)

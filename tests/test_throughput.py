@@ -17,8 +17,8 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path):
                             "--batch=8", "--steps=2", "--warmup=1", "--workers=1", "--compile=0",
                             "--method", "co_byol", "logo", "--decode", "cpu", "gpu", f"--data={tmp_path}",
                             "--set", "training.nan_check_every=2"])
-    assert [(r["method"], r["decode"]) for r in rows] == [("co_byol", "cpu"), ("co_byol", "gpu"), ("logo", "cpu"),
-                                                         ("logo", "gpu")]
+    assert [(r["method"], r["decode"], r["views"]) for r in rows] == [
+        ("co_byol", "cpu", "2+0"), ("co_byol", "gpu", "2+0"), ("logo", "cpu", "2+2"), ("logo", "gpu", "2+2")]
     for r in rows:
         assert r["img_per_s"] > 0 and r["loader_img_per_s"] > 0 and r["tflops_per_image"] > 0
         assert math.isclose(r["in100_epoch_s"], 126_689 / r["img_per_s"])

@@ -70,15 +70,19 @@ def test_local_representations_from_the_stage_before_the_last(betons, tmp_path, 
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method,logo,kernels", [("co_byol", 0, "triton"), ("byol", 1, "ref")])
-def test_gpu_data_path_trains_with_the_fused_ops(betons, tmp_path, method, logo, kernels):
-    """data.decode=gpu (bytes from FFCV, views cut by kernels/crop.py) end to end; on CPU, training.kernels=triton
-    runs the Triton kernels under the interpreter inside the real training step."""
+@pytest.mark.parametrize("method,logo,kernels,views", [("co_byol", 0, "triton", ()), ("byol", 1, "ref", ()),
+                                                      ("co_simclr", 0, "ref", (3, 2))])
+def test_gpu_data_path_trains_with_the_fused_ops(betons, tmp_path, method, logo, kernels, views):
+    """data.decode=gpu (bytes from FFCV, views cut by kernels/crop.py) end to end, also with multi-crop (global and
+    local views from the one decode); on CPU, training.kernels=triton runs the Triton kernels under the
+    interpreter inside the real training step."""
     if kernels == "triton" and CUDA:
         pytest.skip("Triton on CPU tensors needs the interpreter, which is off on a CUDA machine (the CUDA test "
                     "below runs the compiled kernels)")
+    multi_crop = [f"--augment.global_views={views[0]}", f"--augment.local_views={views[1]}",
+                  "--augment.local_res=8"] if views else []
     cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}", "--optim.epochs=1",
-                   "--data.decode=gpu", f"--training.kernels={kernels}")
+                   "--data.decode=gpu", f"--training.kernels={kernels}", *multi_crop)
     results = train(cfg, log=quiet)
     rows = [json.loads(line) for line in open(os.path.join(results["run_dir"], "log.jsonl"))]
     losses = [r["loss"] for r in rows if "loss" in r]
