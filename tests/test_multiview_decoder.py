@@ -212,3 +212,35 @@ def test_global_and_local_crop_areas_follow_their_scales(tmp_path):
         assert scale[0] * side * side * 0.9 <= np.median(ours) <= scale[1] * side * side
     # the two laws are far apart: the test can tell one scale from the other
     assert _ks(np.concatenate(got["global"]), np.concatenate(got["local"])) > 0.9
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_the_trainers_views_of_a_sample_all_show_its_image_on_both_data_paths(tmp_path, decode):
+    """train_coss's loader and view maker with 3 global + 4 local views and the colour augmentations off: every
+    view of every sample, global and local, is that sample's colour (data.decode=gpu: the crop kernels' reference on
+    the CPU, from the one upload of the stored bytes)."""
+    import torch
+    import train_coss
+    from config import load_config
+    colours = np.array([(20 + 12 * i, 230 - 11 * i, (97 * i) % 256) for i in range(12)], np.uint8)
+    images = [np.broadcast_to(c, (18 + i, 30 - i, 3)).copy() for i, c in enumerate(colours)]
+    path = _write_images(tmp_path / "colours.beton", images, "raw")
+    cfg = load_config(None, [f"--data.decode={decode}", "--augment.global_views=3", "--augment.local_views=4",
+                             "--augment.res=12", "--augment.local_res=8", "--augment.p_jitter=0", "--augment.p_gray=0",
+                             "--augment.p_blur1=0", "--augment.p_blur2=0", "--augment.p_blur_local=0",
+                             "--augment.p_solarize2=0", "--optim.batch_size=4", "--augment.workers=1",
+                             "--training.device=cpu"])
+    loader, _ = train_coss.train_loader(cfg, path, None, 1, 12)
+    make = train_coss.view_maker(cfg, torch.device("cpu"))
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    seen = 0
+    for step, batch in enumerate(loader):
+        views, local, labels = make(batch, 12, torch.Generator().manual_seed(step))
+        assert [v.shape for v in views] == [(4, 3, 12, 12)] * 3 and [v.shape for v in local] == [(4, 3, 8, 8)] * 4
+        for b, i in enumerate(labels.tolist()):
+            for v in (*views, *local):
+                pixels = (v[b].float() * std + mean) * 255
+                assert (pixels - torch.tensor(colours[i], dtype=torch.float32).view(3, 1, 1)).abs().max() < 1.0
+            seen += 1
+    assert seen == len(colours)
