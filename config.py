@@ -243,7 +243,8 @@ def _declare(cfg):
                    "dropped, every other key must match); empty = random init", default=""),
     )
     _section(cfg, "method", "SSL method and heads").params(
-        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr"), "base method", default="co_byol"),
+        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr", "moco_v3", "co_moco_v3"), "base method "
+                   "(definitions: losses.py's table, README 'Methods')", default="co_byol"),
         logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
         w_s=Param(StrictFloat(0.0), "weight of the local term (0.2: the CPU demo; in100 configs: 0.5)",
                   default=0.2),

@@ -8,6 +8,11 @@ Notation: B images on this rank, N on all ranks, L locations per view, D embeddi
   CO-SimCLR   every location of view a is an anchor against the 2N global embeddings; positive = the other view's
               global embedding of the same image; the same view's global embedding of the same image is masked
               out; all other images (both views) are negatives
+  MoCo v3     ctr(q, k) = 2T · CE(<q, k_j>/T over the N momentum keys k_j of the batch, all ranks; positive: the
+              same image's key), q, k unit;  L_g = ctr(q1, sg k2) + ctr(q2, sg k1)
+              (q = online predictor(projector), k = momentum projector; the public ResNet recipe)
+  CO-MoCo v3  L_l = ctr_l(Q1, sg k2) + ctr_l(Q2, sg k1): ctr with every location of Q [B, L, D] (local 1x1 heads) as
+              a query against the other view's N global momentum keys, mean over the B·L queries
   mixing      'convex': (1 - w_s) L_g + w_s L_l (our default);  'additive': L_g + w_s L_l
   LoGo        L_gg + L_lg + lambda * L_ll, with L_ll the affinity f_d(z^l_1, z^l_2) that the encoder minimises,
               and f_d trained in an alternating step to score same-image local pairs above rolled pairs
@@ -20,6 +25,8 @@ Multi-crop (G global views at augment.res, then L local views; V = G + L; target
   SimCLR      candidates: the G·N global embeddings; the term of pair (v, g) at image b is
               -log softmax(<z_v[b], c> / T over candidates c, without z_v[b] itself when v < G)[z_g[b]];
               L_g = mean over P and b (G = 2, L = 0: NT-Xent above)
+  MoCo v3     L_g = 2/|P| sum_{(v,g) in P} ctr(q_v, sg k_g);  CO-MoCo v3: L_l = 2/|P_G| sum_{P_G} ctr_l(Q_v, sg k_g)
+              (G = 2, L = 0: the MoCo v3 lines above, exactly)
   CO-SimCLR   L_l = the SimCLR rule with every location of a global view's map as the anchor:
               mean over P_G, b and l of -log softmax(<P_v[b,l], c> / T, without z_v[b])[z_g[b]]
   Local views enter the global terms only: a small crop's feature map has few locations whose receptive fields each
@@ -30,7 +37,7 @@ Under DDP, pass the all-gathered embeddings (gathered *with* gradient) as `*_all
 import torch
 import torch.nn.functional as F
 
-from kernels.local_info_nce import all_or_local, check_local, local_info_nce
+from kernels.local_info_nce import all_or_local, check_local, local_info_nce, local_key_info_nce
 
 
 def _check(name, t, ndim, dim=None):
@@ -196,6 +203,49 @@ def multicrop_local_info_nce(P, zs, temperature, gathered=None, offset=0, backen
     total = sum(_pair_log_softmax_mean(P[v], candidates, temperature, v, len(zs), [g for w, g in pairs if w == v],
                                        own, N) for v in range(len(P)))
     return total / len(pairs)
+
+
+def _keys_of(keys, keys_all, offset):
+    """Every rank's keys of each global view (or this rank's) and this rank's offset in them."""
+    if keys_all is None:
+        return list(keys), 0
+    if len(keys_all) != len(keys):
+        raise ValueError(f"keys_all holds {len(keys_all)} views, expected {len(keys)}")
+    return list(keys_all), offset
+
+
+def moco_ctr(q, keys, temperature, offset=0):
+    """MoCo v3's contrastive term: 2T x cross-entropy of the unit queries q [B, D] against the unit momentum keys
+    [N, D] (detached; this rank's rows start at offset), the positive of row b being key offset + b."""
+    _check("q", q, 2)
+    _check("keys", keys, 2, q.shape[-1])
+    if not 0 <= offset <= keys.shape[0] - q.shape[0]:
+        raise ValueError(f"keys [{keys.shape[0]}] do not hold this rank's {q.shape[0]} rows at offset {offset}")
+    logits = F.normalize(q, dim=1) @ F.normalize(keys.detach(), dim=1).T / temperature
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device) + offset) * (2 * temperature)
+
+
+def multicrop_moco_v3(queries, keys, temperature, keys_all=None, offset=0):
+    """MoCo v3 with multi-crop. queries: the V views' online predictions [B, D] (global views first); keys: the G
+    global views' momentum keys [B, D]; keys_all: every rank's [N, D] of each (or None); 2/|P| sum over the pairs of
+    ctr(q_v, sg k_g) (losses.py's table); with V = G = 2 MoCo v3's ctr(q1, k2) + ctr(q2, k1)."""
+    pairs = crop_pairs(len(keys), len(queries))
+    _check_views("queries", list(queries) + list(keys), 2)
+    every, offset = _keys_of(keys, keys_all, offset)
+    return (2 / len(pairs)) * sum(moco_ctr(queries[v], every[g], temperature, offset) for v, g in pairs)
+
+
+def multicrop_local_key_info_nce(Q, keys, temperature, keys_all=None, offset=0, backend="auto"):
+    """CO-MoCo v3's local term with G >= 2 global views. Q: their local queries [B, L, D]; keys: their momentum keys
+    [B, D] (keys_all / offset as multicrop_moco_v3); 2/|P_G| sum over the global pairs of 2T x the mean over the
+    B·L queries of the InfoNCE against the other view's keys (the fused kernel of kernels/local_info_nce.py)."""
+    if len(Q) != len(keys):
+        raise ValueError(f"{len(Q)} local maps for {len(keys)} global views")
+    pairs = crop_pairs(len(keys), len(Q))
+    every, offset = _keys_of(keys, keys_all, offset)
+    return (2 / len(pairs)) * sum(
+        local_key_info_nce(Q[v], keys[g], temperature, every[g] if keys_all is not None else None, offset,
+                           backend=backend) * (2 * temperature) for v, g in pairs)
 
 
 def cross_view_info_nce(anchors, targets, temperature):

@@ -3,8 +3,8 @@ affinity MLP. Plain arguments, no config: train_coss.py builds them.
 
 Shapes (B images, C backbone channels, h x w map, L = h*w or n*n locations, D = proj_dim):
   backbone(x)            -> F [B, C, h, w], y [B, C]
-  global: z = g(y) [B, D], p = q(z) [B, D]                       (q only for the BYOL family)
-  local:  P = q2(g2(F)) as [B, L, D] (1x1 convs, so one MLP shared by every location; q2 only for BYOL family)
+  global: z = g(y) [B, D], p = q(z) [B, D]                       (q only for the BYOL and MoCo v3 families)
+  local:  P = q2(g2(F)) as [B, L, D] (1x1 convs, so one MLP shared by every location; q2 as q)
 """
 import copy
 
@@ -14,19 +14,28 @@ import torch.nn.functional as F
 
 BYOL_FAMILY = ("byol", "co_byol")
 SIMCLR_FAMILY = ("simclr", "co_simclr")
-METHODS = BYOL_FAMILY + SIMCLR_FAMILY
+MOCO_V3_FAMILY = ("moco_v3", "co_moco_v3")
+MOMENTUM_FAMILY = BYOL_FAMILY + MOCO_V3_FAMILY  # a momentum (EMA) target and a predictor on the online side
+METHODS = BYOL_FAMILY + SIMCLR_FAMILY + MOCO_V3_FAMILY
 
 
-def mlp(dim_in, hidden, dim_out):
-    """BYOL's head: Linear -> BN -> ReLU -> Linear."""
+def mlp(dim_in, hidden, dim_out, last_bn=False):
+    """BYOL's head: Linear -> BN -> ReLU -> Linear. last_bn (MoCo v3's heads): both Linears without bias and a
+    BatchNorm without affine parameters on the output."""
+    if not last_bn:
+        return nn.Sequential(nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, dim_out))
     return nn.Sequential(nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out))
+                         nn.Linear(hidden, dim_out, bias=False), nn.BatchNorm1d(dim_out, affine=False))
 
 
-def local_mlp(dim_in, hidden, dim_out):
+def local_mlp(dim_in, hidden, dim_out, last_bn=False):
     """The same head as 1x1 convolutions: applied at every location of a feature map."""
+    if not last_bn:
+        return nn.Sequential(nn.Conv2d(dim_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                             nn.ReLU(inplace=True), nn.Conv2d(hidden, dim_out, 1))
     return nn.Sequential(nn.Conv2d(dim_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden, dim_out, 1))
+                         nn.Conv2d(hidden, dim_out, 1, bias=False), nn.BatchNorm2d(dim_out, affine=False))
 
 
 class SSLNet(nn.Module):
@@ -43,13 +52,15 @@ class SSLNet(nn.Module):
         self.map_stage = backbone.num_stages - 1 if local_layer == "previous" else None
         self.backbone = backbone
         C = backbone.num_features
-        self.projector = mlp(C, proj_hidden, proj_dim)
-        self.predictor = mlp(proj_dim, pred_hidden, proj_dim) if method in BYOL_FAMILY else None
+        moco = method in MOCO_V3_FAMILY  # MoCo v3's heads end in a BatchNorm without affine parameters
+        self.projector = mlp(C, proj_hidden, proj_dim, last_bn=moco)
+        self.predictor = mlp(proj_dim, pred_hidden, proj_dim, last_bn=moco) if method in MOMENTUM_FAMILY else None
         self.has_local = method.startswith("co_")
         if self.has_local:
             C_local = backbone.stage_channels(self.map_stage) if self.map_stage else C
-            self.local_projector = local_mlp(C_local, local_hidden, proj_dim)
-            self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim) if method == "co_byol" else None
+            self.local_projector = local_mlp(C_local, local_hidden, proj_dim, last_bn=moco)
+            self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim, last_bn=moco) \
+                if method in MOMENTUM_FAMILY else None
 
     def forward(self, x, local=True):
         """Returns dict: y (pooled features), z (projection), p (prediction, BYOL family), P (local, [B, L, D])."""
@@ -68,7 +79,8 @@ class SSLNet(nn.Module):
 
 
 class TargetNet(nn.Module):
-    """BYOL's target: an EMA copy of the online backbone and projector (no predictor, no local heads)."""
+    """BYOL's target / MoCo v3's momentum encoder: an EMA copy of the online backbone and projector (no predictor,
+    no local heads)."""
 
     def __init__(self, online):
         super().__init__()

@@ -34,8 +34,9 @@ from config import VERSION as __version__
 from config import ConfigError, as_dict, help_text, load_config, print_config
 from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
 from losses import (cosine_distance, cross_view_info_nce, ema_update, logo_affinity_losses, mix, multicrop_byol,
-                    multicrop_local_info_nce, multicrop_local_regression, multicrop_nt_xent)
-from models import BYOL_FAMILY, SSLNet, TargetNet, affinity_mlp
+                    multicrop_local_info_nce, multicrop_local_key_info_nce, multicrop_local_regression,
+                    multicrop_moco_v3, multicrop_nt_xent)
+from models import BYOL_FAMILY, MOCO_V3_FAMILY, MOMENTUM_FAMILY, SSLNet, TargetNet, affinity_mlp
 from rf_resnet import build_backbone, memory_format
 from write_ffcv import BetonError, quiet_numba_finalizers
 
@@ -227,7 +228,7 @@ def build_model(cfg, num_classes, device):
     online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
                     cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"],
                     cfg["method.local_layer"])
-    target = TargetNet(online) if cfg["method.name"] in BYOL_FAMILY else None
+    target = TargetNet(online) if cfg["method.name"] in MOMENTUM_FAMILY else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
     fmt = memory_format(cfg["training.channels_last"])
@@ -423,6 +424,15 @@ def method_loss(spec, online, target, packed, local_packed, affinity):
         loss = terms["global"] = multicrop_byol([o["p"] for o in crops], targets)
         if name == "co_byol":
             terms["local"] = multicrop_local_regression([o["P"] for o in outs], targets, spec.kernels)
+            loss = mix(loss, terms["local"], w_s, spec.mixing)
+    elif name in MOCO_V3_FAMILY:  # queries: online predictions; keys: the momentum encoder's, all ranks'
+        keys = forward_views(target, packed, spec.n_global)
+        keys_all = [gather_with_grad(k) for k in keys]
+        offset = (dist.get_rank() * keys[0].shape[0]) if keys_all[0].shape[0] != keys[0].shape[0] else 0
+        loss = terms["global"] = multicrop_moco_v3([o["p"] for o in crops], keys, T, keys_all, offset)
+        if name == "co_moco_v3":
+            terms["local"] = multicrop_local_key_info_nce([o["P"] for o in outs], keys, T, keys_all, offset,
+                                                          backend=spec.kernels)
             loss = mix(loss, terms["local"], w_s, spec.mixing)
     else:
         gathered = [gather_with_grad(o["z"]) for o in outs]
@@ -777,7 +787,7 @@ def check_schedule(run, log=print):
 def check_local_map(cfg, online, device):
     """A CO method aligns every location of the feature map with the other view's global representation: refused
     when the map is 1x1 at the run's (smallest) resolution, where the local term only repeats the global one."""
-    if cfg["method.name"] not in ("co_byol", "co_simclr"):
+    if not cfg["method.name"].startswith("co_"):
         return
     res = min(r for r in (cfg["augment.res"], cfg["augment.res_start"]) if r)
     backbone = online.backbone

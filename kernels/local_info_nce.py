@@ -1,4 +1,4 @@
-"""Fused local-to-global InfoNCE: CO-SimCLR's local term.
+"""Fused local-to-global InfoNCE: CO-SimCLR's local term, and CO-MoCo v3's (against momentum keys, at the end).
 
 Every location of a view is an anchor against the K = 2N global embeddings of the batch (both views, all ranks);
 its positive is the other view's global embedding of the same image, the same view's global embedding of the same
@@ -210,7 +210,8 @@ class LocalInfoNCE(torch.autograd.Function):
             P, C, pos, own, lse, norm, grad_rows.float(), dP, ds, R, L, K, D, *P.stride(), *C.stride(),
             *grad_rows.stride(), *dP.stride(), 1.0 / ctx.temperature, ctx.eps,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_BF16=ctx.dot_bf16, num_warps=CONFIG["num_warps"])
-        dC = (ds.T @ P.reshape(R, D).to(ds.dtype)).to(C.dtype)                            # [K, D]
+        # the candidates' gradient (one GEMM), unless they are constants (CO-MoCo v3's momentum keys)
+        dC = (ds.T @ P.reshape(R, D).to(ds.dtype)).to(C.dtype) if ctx.needs_input_grad[1] else None   # [K, D]
         return dP, dC, None, None, None, None
 
 
@@ -229,3 +230,41 @@ def local_info_nce(P1, P2, z1, z2, temperature, z1_all=None, z2_all=None, offset
     loss1 = LocalInfoNCE.apply(P1, C, own + N, own, float(temperature), eps).mean()         # view 1: positive in view 2
     loss2 = LocalInfoNCE.apply(P2, C, own, own + N, float(temperature), eps).mean()
     return (loss1 + loss2) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against momentum keys (CO-MoCo v3's local term): the same kernel with the keys of the other view as the
+# candidates, the positive the same image's key, nothing masked (own = -1) and no gradient to the keys.
+
+def local_key_info_nce_ref(P, keys, temperature, keys_all=None, offset=0):
+    """Plain PyTorch: every location of P [B, L, D] is a query against the N momentum keys (keys_all [N, D], or
+    this rank's keys [B, D]), detached; positive: the same image's key. Mean over the B·L queries."""
+    _check_keys(P, keys, keys_all, offset)
+    C = keys_all if keys_all is not None else keys
+    B, L = P.shape[0], P.shape[1]
+    logits = F.normalize(P, dim=-1) @ F.normalize(C.detach(), dim=1).T / temperature       # [B, L, N]
+    target = (torch.arange(B, device=P.device) + offset)[:, None].expand(B, L)
+    return F.cross_entropy(logits.reshape(B * L, -1), target.reshape(-1))
+
+
+def _check_keys(P, keys, keys_all, offset):
+    if not isinstance(P, torch.Tensor) or P.ndim != 3:
+        raise ValueError(f"P must be a 3-D tensor [B, L, D], got shape {tuple(getattr(P, 'shape', ()))}")
+    if not isinstance(keys, torch.Tensor) or keys.shape != (P.shape[0], P.shape[2]):
+        raise ValueError(f"keys must be [{P.shape[0]}, {P.shape[2]}], got {tuple(getattr(keys, 'shape', ()))}")
+    if keys_all is not None and (keys_all.ndim != 2 or keys_all.shape[1] != P.shape[2] or
+                                 not 0 <= offset <= keys_all.shape[0] - P.shape[0]):
+        raise ValueError(f"keys_all {tuple(keys_all.shape)} does not hold this rank's {P.shape[0]} keys at offset "
+                         f"{offset}")
+
+
+def local_key_info_nce(P, keys, temperature, keys_all=None, offset=0, backend="auto", eps=EPS):
+    """Same arguments and value as local_key_info_nce_ref (the fused kernel above on CUDA with backend auto)."""
+    _check_keys(P, keys, keys_all, offset)
+    if not use_triton(backend, P) or P.shape[-1] > MAX_D:
+        return local_key_info_nce_ref(P, keys, temperature, keys_all, offset)
+    C = F.normalize((keys_all if keys_all is not None else keys).detach(), dim=1, eps=eps)
+    if P.dtype == torch.bfloat16:
+        C = C.to(torch.bfloat16)
+    own = torch.arange(P.shape[0], device=P.device, dtype=torch.int32) + offset
+    return LocalInfoNCE.apply(P, C, own, torch.full_like(own, -1), float(temperature), eps).mean()

@@ -20,7 +20,9 @@ from train_coss import (LARS, TrainingError, build_optimizer, lr_at, param_group
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("method,logo,views", [("byol", 0, ""), ("co_byol", 0, ""), ("simclr", 0, ""),
                                                ("co_simclr", 0, ""), ("byol", 1, ""), ("simclr", 1, ""),
-                                               ("co_byol", 0, "2+4"), ("co_simclr", 0, "3+2")])
+                                               ("co_byol", 0, "2+4"), ("co_simclr", 0, "3+2"),
+                                               ("moco_v3", 0, ""), ("co_moco_v3", 0, ""),
+                                               ("co_moco_v3", 0, "2+2")])
 def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method, logo, views):
     multi_crop = []
     if views:  # multi-crop: global + local views at 8 px
@@ -134,7 +136,8 @@ class _Crash(Exception):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("extra", [[], ["--method.name=co_simclr", "--augment.local_views=3",
-                                        "--augment.local_res=8"]], ids=["2+0", "multi-crop 2+3"])
+                                        "--augment.local_res=8"], ["--method.name=co_moco_v3"]],
+                         ids=["2+0", "multi-crop 2+3", "co_moco_v3"])
 def test_a_killed_run_resumes_to_the_same_weights(betons, tmp_path, extra):
     ref = train(tiny_cfg(betons, tmp_path / "a", "--training.run_name=r", *extra), log=quiet)
     ref_state = torch.load(os.path.join(ref["run_dir"], "checkpoint.pt"), weights_only=False)
@@ -242,7 +245,7 @@ def _one_step(method, x1, x2, world, rank):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", ["co_byol", "co_simclr", "simclr"])
+@pytest.mark.parametrize("method", ["co_byol", "co_simclr", "simclr", "co_moco_v3"])
 def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path, method):
     torch.manual_seed(1)
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
