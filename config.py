@@ -243,7 +243,8 @@ def _declare(cfg):
                    "dropped, every other key must match); empty = random init", default=""),
     )
     _section(cfg, "method", "SSL method and heads").params(
-        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr", "moco_v3", "co_moco_v3"), "base method "
+        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr", "moco_v3", "co_moco_v3", "dino", "co_dino"),
+                   "base method "
                    "(definitions: losses.py's table, README 'Methods')", default="co_byol"),
         logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
         w_s=Param(StrictFloat(0.0), "weight of the local term (0.2: the CPU demo; in100 configs: 0.5)",
@@ -258,7 +259,18 @@ def _declare(cfg):
         proj_dim=Param(StrictInt(1), "embedding dim (global and local)", default=128),
         pred_hidden=Param(StrictInt(1), "predictor hidden width (BYOL family)", default=512),
         local_hidden=Param(StrictInt(1), "local head hidden width (1x1 convs)", default=256),
-        temperature=Param(StrictFloat(1e-4), "NT-Xent / local InfoNCE temperature (SimCLR family)", default=0.2),
+        temperature=Param(StrictFloat(1e-4), "NT-Xent / local InfoNCE temperature (SimCLR and MoCo v3 families)",
+                          default=0.2),
+        dino_out_dim=Param(StrictInt(2), "DINO: prototypes K of the head's weight-normalised last layer (the head: "
+                           "proj_hidden-wide 3-layer MLP to a proj_dim bottleneck, L2-normalised)", default=4096),
+        dino_student_temp=Param(StrictFloat(1e-4), "DINO: student temperature", default=0.1),
+        dino_teacher_temp=Param(StrictFloat(1e-4), "DINO: teacher temperature after its warm-up", default=0.04),
+        dino_warmup_teacher_temp=Param(StrictFloat(1e-4), "DINO: teacher temperature at epoch 0", default=0.04),
+        dino_warmup_teacher_temp_epochs=Param(StrictInt(0), "DINO: epochs of the teacher temperature's linear "
+                                              "warm-up (per epoch, as DINO)", default=0),
+        dino_center_momentum=Param(StrictFloat(0.0, 1.0), "DINO: momentum of the teacher centre", default=0.9),
+        dino_freeze_last_layer=Param(StrictInt(0), "DINO: epochs during which the last layer gets no update",
+                                     default=1),
         logo_lambda=Param(StrictFloat(0.0), "LoGo: weight of L_ll", default=1e-4),
         logo_local_res=Param(StrictInt(8), "LoGo: side of the local crops, px", default=16),
         logo_global_cmin=Param(StrictFloat(0.01, 1.0), "LoGo: global crop scale (r_g, 1)", default=0.4),

@@ -13,6 +13,12 @@ Notation: B images on this rank, N on all ranks, L locations per view, D embeddi
               (q = online predictor(projector), k = momentum projector; the public ResNet recipe)
   CO-MoCo v3  L_l = ctr_l(Q1, sg k2) + ctr_l(Q2, sg k1): ctr with every location of Q [B, L, D] (local 1x1 heads) as
               a query against the other view's N global momentum keys, mean over the B·L queries
+  DINO        H(t, s) = -sum_k softmax((t - c)/T_t)_k log softmax(s/T_s)_k, t = teacher (EMA) logits, s = student
+              logits over K prototypes, c the teacher centre; L_g = 1/|P| sum_{(v,g) in P} mean_b H(sg t_g, s_v)
+              (DINO's average over its pairs; with 2 views (H(t1, s2) + H(t2, s1)) / 2);
+              after each step c <- m c + (1 - m) mean of the teacher's global logits over all ranks and views
+  CO-DINO     L_l = 1/|P_G| sum_{(v,g) in P_G} mean_{b,l} H(sg t_g[b], S_v[b,l]): every location's student
+              distribution (local heads) against the teacher's centred, sharpened global one of the other view
   mixing      'convex': (1 - w_s) L_g + w_s L_l (our default);  'additive': L_g + w_s L_l
   LoGo        L_gg + L_lg + lambda * L_ll, with L_ll the affinity f_d(z^l_1, z^l_2) that the encoder minimises,
               and f_d trained in an alternating step to score same-image local pairs above rolled pairs
@@ -246,6 +252,49 @@ def multicrop_local_key_info_nce(Q, keys, temperature, keys_all=None, offset=0, 
     return (2 / len(pairs)) * sum(
         local_key_info_nce(Q[v], keys[g], temperature, every[g] if keys_all is not None else None, offset,
                            backend=backend) * (2 * temperature) for v, g in pairs)
+
+
+def dino_teacher_temp(epoch, warmup_temp, temp, warmup_epochs):
+    """DINO's teacher temperature at `epoch`: a linear ramp over the warm-up epochs (numpy's linspace from warmup_temp
+    to temp, both ends included), then temp."""
+    if epoch >= warmup_epochs:
+        return temp
+    return warmup_temp if warmup_epochs == 1 else warmup_temp + (temp - warmup_temp) * epoch / (warmup_epochs - 1)
+
+
+def _dino_targets(teacher, center, teacher_temp):
+    return [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher]
+
+
+def dino_loss(student, teacher, center, student_temp, teacher_temp):
+    """DINO with multi-crop. student: the V views' student logits [B, K] (global views first); teacher: the G
+    global views' teacher logits [B, K] (detached here); center [1, K]. Mean over the pairs of losses.py's table of
+    the cross-entropy H(softmax((t_g - c)/T_t), log_softmax(s_v/T_s)), mean over images."""
+    pairs = crop_pairs(len(teacher), len(student))
+    _check_views("student", list(student) + list(teacher), 2)
+    targets = _dino_targets(teacher, center, teacher_temp)
+    logp = [F.log_softmax(s / student_temp, dim=-1) for s in student]
+    return sum(-(targets[g] * logp[v]).sum(-1).mean() for v, g in pairs) / len(pairs)
+
+
+def dino_local_loss(student_local, teacher, center, student_temp, teacher_temp):
+    """CO-DINO's local term. student_local: the G global views' per-location student logits [B, L, K]; teacher:
+    their teacher logits [B, K]. Mean over the global pairs, images and locations of H(sg t_g[b], S_v[b, l])."""
+    if len(student_local) != len(teacher):
+        raise ValueError(f"{len(student_local)} local maps for {len(teacher)} global views")
+    pairs = crop_pairs(len(teacher), len(student_local))
+    for v, g in pairs:
+        check_local("dino_local_loss", student_local[v], student_local[g], teacher[v], teacher[g])
+    targets = _dino_targets(teacher, center, teacher_temp)
+    logp = [F.log_softmax(S / student_temp, dim=-1) for S in student_local]
+    return sum(-(targets[g][:, None, :] * logp[v]).sum(-1).mean() for v, g in pairs) / len(pairs)
+
+
+@torch.no_grad()
+def dino_center_update(center, teacher_mean, momentum):
+    """c <- m c + (1 - m) teacher_mean, in place; teacher_mean [1, K]: the mean of the teacher's global logits over
+    every view and image of the step (all ranks)."""
+    center.mul_(momentum).add_(teacher_mean.detach(), alpha=1 - momentum)
 
 
 def cross_view_info_nce(anchors, targets, temperature):

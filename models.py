@@ -4,6 +4,7 @@ affinity MLP. Plain arguments, no config: train_coss.py builds them.
 Shapes (B images, C backbone channels, h x w map, L = h*w or n*n locations, D = proj_dim):
   backbone(x)            -> F [B, C, h, w], y [B, C]
   global: z = g(y) [B, D], p = q(z) [B, D]                       (q only for the BYOL and MoCo v3 families)
+  DINO:   z = the head's logits over dino_out_dim prototypes (D = dino_out_dim), P likewise per location
   local:  P = q2(g2(F)) as [B, L, D] (1x1 convs, so one MLP shared by every location; q2 as q)
 """
 import copy
@@ -15,8 +16,48 @@ import torch.nn.functional as F
 BYOL_FAMILY = ("byol", "co_byol")
 SIMCLR_FAMILY = ("simclr", "co_simclr")
 MOCO_V3_FAMILY = ("moco_v3", "co_moco_v3")
+DINO_FAMILY = ("dino", "co_dino")
 MOMENTUM_FAMILY = BYOL_FAMILY + MOCO_V3_FAMILY  # a momentum (EMA) target and a predictor on the online side
-METHODS = BYOL_FAMILY + SIMCLR_FAMILY + MOCO_V3_FAMILY
+TARGET_FAMILY = MOMENTUM_FAMILY + DINO_FAMILY    # an EMA target (DINO's teacher has no predictor opposite)
+METHODS = BYOL_FAMILY + SIMCLR_FAMILY + MOCO_V3_FAMILY + DINO_FAMILY
+
+
+class NormedLinear(nn.Module):
+    """DINO's last layer with norm_last_layer: a weight-normalised linear map whose norms are fixed to 1, i.e. x @
+    normalise(W, rows).T; over the channels of a [B, C, h, w] map when `local` (a 1x1 convolution)."""
+
+    def __init__(self, d_in, d_out, local=False):
+        super().__init__()
+        self.local = local
+        self.weight = nn.Parameter(nn.Linear(d_in, d_out, bias=False).weight.detach().clone())
+
+    def forward(self, x):
+        w = F.normalize(self.weight, dim=1)
+        if self.local:
+            return F.conv2d(x, w[:, :, None, None])
+        return F.linear(x, w)
+
+
+class DINOHead(nn.Module):
+    """DINO's head (ResNet setting, no BatchNorm): Linear -> GELU -> Linear -> GELU -> Linear to the bottleneck,
+    L2 normalisation, then the prototypes layer (NormedLinear, out_dim logits). local=True: the same as 1x1
+    convolutions over a feature map ([B, C, h, w] -> [B, out_dim, h, w])."""
+
+    def __init__(self, d_in, hidden, bottleneck, out_dim, local=False):
+        super().__init__()
+        self.local = local
+
+        def layer(a, b):
+            m = nn.Conv2d(a, b, 1) if local else nn.Linear(a, b)
+            nn.init.trunc_normal_(m.weight, std=0.02)  # DINO's initialisation of its head's MLP
+            nn.init.zeros_(m.bias)
+            return m
+        self.mlp = nn.Sequential(layer(d_in, hidden), nn.GELU(), layer(hidden, hidden), nn.GELU(),
+                                 layer(hidden, bottleneck))
+        self.prototypes = NormedLinear(bottleneck, out_dim, local=local)
+
+    def forward(self, x):
+        return self.prototypes(F.normalize(self.mlp(x), dim=1))
 
 
 def mlp(dim_in, hidden, dim_out, last_bn=False):
@@ -40,7 +81,7 @@ def local_mlp(dim_in, hidden, dim_out, last_bn=False):
 
 class SSLNet(nn.Module):
     def __init__(self, backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden, local_grid=0,
-                 local_layer="last"):
+                 local_layer="last", dino_out_dim=4096):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
@@ -53,12 +94,15 @@ class SSLNet(nn.Module):
         self.backbone = backbone
         C = backbone.num_features
         moco = method in MOCO_V3_FAMILY  # MoCo v3's heads end in a BatchNorm without affine parameters
-        self.projector = mlp(C, proj_hidden, proj_dim, last_bn=moco)
+        dino = method in DINO_FAMILY     # DINO: the head ends in out_dim prototypes (z: logits)
+        self.projector = DINOHead(C, proj_hidden, proj_dim, dino_out_dim) if dino else \
+            mlp(C, proj_hidden, proj_dim, last_bn=moco)
         self.predictor = mlp(proj_dim, pred_hidden, proj_dim, last_bn=moco) if method in MOMENTUM_FAMILY else None
         self.has_local = method.startswith("co_")
         if self.has_local:
             C_local = backbone.stage_channels(self.map_stage) if self.map_stage else C
-            self.local_projector = local_mlp(C_local, local_hidden, proj_dim, last_bn=moco)
+            self.local_projector = DINOHead(C_local, local_hidden, proj_dim, dino_out_dim, local=True) if dino \
+                else local_mlp(C_local, local_hidden, proj_dim, last_bn=moco)
             self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim, last_bn=moco) \
                 if method in MOMENTUM_FAMILY else None
 

@@ -33,10 +33,12 @@ from augment import ViewAugment
 from config import VERSION as __version__
 from config import ConfigError, as_dict, help_text, load_config, print_config
 from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
-from losses import (cosine_distance, cross_view_info_nce, ema_update, logo_affinity_losses, mix, multicrop_byol,
+from losses import (cosine_distance, cross_view_info_nce, dino_center_update, dino_local_loss, dino_loss,
+                    dino_teacher_temp, ema_update, logo_affinity_losses, mix, multicrop_byol,
                     multicrop_local_info_nce, multicrop_local_key_info_nce, multicrop_local_regression,
                     multicrop_moco_v3, multicrop_nt_xent)
-from models import BYOL_FAMILY, MOCO_V3_FAMILY, MOMENTUM_FAMILY, SSLNet, TargetNet, affinity_mlp
+from models import (BYOL_FAMILY, DINO_FAMILY, MOCO_V3_FAMILY, TARGET_FAMILY, NormedLinear, SSLNet, TargetNet,
+                    affinity_mlp)
 from rf_resnet import build_backbone, memory_format
 from write_ffcv import BetonError, quiet_numba_finalizers
 
@@ -227,8 +229,8 @@ def build_model(cfg, num_classes, device):
         load_init(backbone, cfg["model.init"])
     online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
                     cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"],
-                    cfg["method.local_layer"])
-    target = TargetNet(online) if cfg["method.name"] in MOMENTUM_FAMILY else None
+                    cfg["method.local_layer"], cfg["method.dino_out_dim"])
+    target = TargetNet(online) if cfg["method.name"] in TARGET_FAMILY else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
     fmt = memory_format(cfg["training.channels_last"])
@@ -365,6 +367,8 @@ class LossSpec(NamedTuple):
     logo: bool
     n_global: int
     n_local: int
+    dino_student_temp: float
+    dino_center_momentum: float
 
 
 def loss_spec(cfg):
@@ -377,7 +381,7 @@ def loss_spec(cfg):
     plan = view_plan(cfg)
     return LossSpec(cfg["method.name"], cfg["method.w_s"], cfg["method.temperature"], cfg["method.mixing"], kernels,
                     cfg["method.logo_clip"], cfg["method.logo_lambda"], cfg["method.logo"], plan.n_global,
-                    plan.n_local)
+                    plan.n_local, cfg["method.dino_student_temp"], cfg["method.dino_center_momentum"])
 
 
 def pack_views(views, fuse):
@@ -409,9 +413,10 @@ def forward_views(net, packed, n_views, **kwargs):
     return list(out.chunk(n_views))
 
 
-def method_loss(spec, online, target, packed, local_packed, affinity):
+def method_loss(spec, online, target, packed, local_packed, affinity, dino=None):
     """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
-    LossSpec; online: the online network (maybe DDP); target: the EMA network or None. The multi-crop rule of
+    LossSpec; online: the online network (maybe DDP); target: the EMA network or None; dino: DINO's (centre [1, K],
+    teacher temperature []) tensors, the centre updated here in place after the loss. The multi-crop rule of
     losses.py's table (LoGo: its own terms on its 2 + 2 views). Returns (loss to minimise, affinity loss or None,
     dict of logged terms, global view 1's pooled features)."""
     name, w_s, T = spec.name, spec.w_s, spec.temperature
@@ -434,6 +439,17 @@ def method_loss(spec, online, target, packed, local_packed, affinity):
             terms["local"] = multicrop_local_key_info_nce([o["P"] for o in outs], keys, T, keys_all, offset,
                                                           backend=spec.kernels)
             loss = mix(loss, terms["local"], w_s, spec.mixing)
+    elif name in DINO_FAMILY:  # student: the online logits; teacher: the EMA network's, global views only
+        center, teacher_temp = dino
+        teacher = forward_views(target, packed, spec.n_global)
+        loss = terms["global"] = dino_loss([o["z"] for o in crops], teacher, center, spec.dino_student_temp,
+                                           teacher_temp)
+        if name == "co_dino":
+            terms["local"] = dino_local_loss([o["P"] for o in outs], teacher, center, spec.dino_student_temp,
+                                             teacher_temp)
+            loss = mix(loss, terms["local"], w_s, spec.mixing)
+        step_mean = gather_with_grad(torch.cat(teacher).float().mean(0, keepdim=True)).mean(0, keepdim=True)
+        dino_center_update(center, step_mean, spec.dino_center_momentum)  # all ranks: equal batches
     else:
         gathered = [gather_with_grad(o["z"]) for o in outs]
         offset = (dist.get_rank() * outs[0]["z"].shape[0]) if gathered[0].shape[0] != outs[0]["z"].shape[0] else 0
@@ -520,8 +536,15 @@ class Run:
                 self.online, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
         target, affinity, spec = self.target, self.affinity, self.spec
 
-        def forward_loss(packed, local_packed):
-            return method_loss(spec, model, target, packed, local_packed, affinity)
+        # DINO's teacher centre and temperature: tensors on the device (state of the run, in the checkpoint)
+        self.dino = None
+        if cfg["method.name"] in DINO_FAMILY:
+            self.dino = (torch.zeros(1, cfg["method.dino_out_dim"], device=device),
+                         torch.full((), self.teacher_temp(0), device=device))
+            self._prototypes = [m.weight for m in self.online.modules() if isinstance(m, NormedLinear)]
+
+        def forward_loss(packed, local_packed, dino):
+            return method_loss(spec, model, target, packed, local_packed, affinity, dino)
         self.forward_loss = forward_loss
         if cfg["training.compile"]:
             # the online and target networks and the losses in one graph (backward compiled with it); one graph
@@ -559,6 +582,12 @@ class Run:
         """The generator of step `step`'s augmentations (0-based): the same views on resume and with prefetch."""
         return torch.Generator(device=self.device).manual_seed(self.cfg["training.seed"] * 1_000_003 + step)
 
+    def teacher_temp(self, epoch):
+        """DINO's teacher temperature in `epoch` (losses.dino_teacher_temp)."""
+        c = self.cfg
+        return dino_teacher_temp(epoch, c["method.dino_warmup_teacher_temp"], c["method.dino_teacher_temp"],
+                                 c["method.dino_warmup_teacher_temp_epochs"])
+
     def set_epoch(self, epoch):
         """Progressive resolution and the loader's order for this epoch (RANDOM order of epoch e: seed + e)."""
         self.epoch = epoch
@@ -570,6 +599,8 @@ class Run:
                 self.loader.generate_code()
         if self.loader is not None:
             self.loader.next_epoch = epoch
+        if self.dino is not None:
+            self.dino[1].fill_(self.teacher_temp(epoch))
 
     def prepare(self, batch, step):
         """A loader batch -> the Prepared inputs of step `step` (views cut and augmented on the run's device)."""
@@ -640,7 +671,7 @@ class Run:
         packed = pack_views(views, self.fuse)
         local_packed = pack_views(local_views, self.fuse) if local_views is not None else None
         with self.amp:
-            loss, affinity_loss, terms, features = self.forward_loss(packed, local_packed)
+            loss, affinity_loss, terms, features = self.forward_loss(packed, local_packed, self.dino)
         step = self.global_step + 1  # 1-based in messages and logs
         if self.check_every == 1:
             if not torch.isfinite(loss):  # sync
@@ -654,6 +685,9 @@ class Run:
                                         self.spec.logo_clip)
         else:
             loss.backward()
+        if self.dino is not None and self.epoch < self.cfg["method.dino_freeze_last_layer"]:
+            for p in self._prototypes:  # DINO: the last layer stays as initialised in the first epoch(s)
+                p.grad = None
         self.opt.step()
         if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
             self.aff_opt.zero_grad(set_to_none=True)
@@ -691,7 +725,8 @@ class Run:
         return {"online": self.online.state_dict(), "target": opt(self.target), "probe": self.probe.state_dict(),
                 "opt": self.opt.state_dict(), "probe_opt": self.probe_opt.state_dict(),
                 "affinity": opt(self.affinity), "aff_opt": opt(self.aff_opt), "step": self.global_step,
-                "rng": rng_state(), "budget_steps": self.total_steps if self.budgeted else None}
+                "rng": rng_state(), "budget_steps": self.total_steps if self.budgeted else None,
+                "dino_center": self.dino[0].clone() if self.dino is not None else None}
 
     def load_state_dict(self, ck):
         self.online.load_state_dict(ck["online"])
@@ -703,6 +738,8 @@ class Run:
         if self.affinity is not None:
             self.affinity.load_state_dict(ck["affinity"])
             self.aff_opt.load_state_dict(ck["aff_opt"])
+        if self.dino is not None:
+            self.dino[0].copy_(ck["dino_center"])
         self.global_step = self.checked = ck["step"]
         self.checked += 1
         self.nonfinite.zero_()

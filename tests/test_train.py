@@ -22,7 +22,8 @@ from train_coss import (LARS, TrainingError, build_optimizer, lr_at, param_group
                                                ("co_simclr", 0, ""), ("byol", 1, ""), ("simclr", 1, ""),
                                                ("co_byol", 0, "2+4"), ("co_simclr", 0, "3+2"),
                                                ("moco_v3", 0, ""), ("co_moco_v3", 0, ""),
-                                               ("co_moco_v3", 0, "2+2")])
+                                               ("co_moco_v3", 0, "2+2"), ("dino", 0, "2+2"),
+                                               ("co_dino", 0, "")])
 def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method, logo, views):
     multi_crop = []
     if views:  # multi-crop: global + local views at 8 px
@@ -136,8 +137,11 @@ class _Crash(Exception):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("extra", [[], ["--method.name=co_simclr", "--augment.local_views=3",
-                                        "--augment.local_res=8"], ["--method.name=co_moco_v3"]],
-                         ids=["2+0", "multi-crop 2+3", "co_moco_v3"])
+                                        "--augment.local_res=8"], ["--method.name=co_moco_v3"],
+                                   ["--method.name=co_dino", "--augment.local_views=2", "--augment.local_res=8",
+                                    "--method.dino_out_dim=32", "--method.dino_warmup_teacher_temp_epochs=2",
+                                    "--method.dino_warmup_teacher_temp=0.02"]],
+                         ids=["2+0", "multi-crop 2+3", "co_moco_v3", "co_dino multi-crop"])
 def test_a_killed_run_resumes_to_the_same_weights(betons, tmp_path, extra):
     ref = train(tiny_cfg(betons, tmp_path / "a", "--training.run_name=r", *extra), log=quiet)
     ref_state = torch.load(os.path.join(ref["run_dir"], "checkpoint.pt"), weights_only=False)
@@ -153,6 +157,8 @@ def test_a_killed_run_resumes_to_the_same_weights(betons, tmp_path, extra):
     train(tiny_cfg(betons, tmp_path / "b", "--training.run_name=r", "--training.resume=1", *extra), log=quiet)
     state = torch.load(os.path.join(tmp_path / "b" / "r" / "checkpoint.pt"), weights_only=False)
     assert state["step"] == ref_state["step"] == 8
+    if ref_state["dino_center"] is not None:  # DINO's teacher centre resumes with the weights
+        torch.testing.assert_close(state["dino_center"], ref_state["dino_center"], rtol=0, atol=0)
     for key in ("online", "target", "probe"):
         if ref_state[key] is None:  # SimCLR family: no target network
             assert state[key] is None
@@ -239,13 +245,14 @@ def _one_step(method, x1, x2, world, rank):
         model = nn.parallel.DistributedDataParallel(online)
         b = x1.shape[0] // world
         x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
-    loss, _, _, _ = train_coss.method_loss(train_coss.loss_spec(cfg), model, target, (x1, x2), None, None)
+    dino = (torch.zeros(1, cfg["method.dino_out_dim"]), torch.tensor(0.04)) if "dino" in method else None
+    loss, _, _, _ = train_coss.method_loss(train_coss.loss_spec(cfg), model, target, (x1, x2), None, None, dino)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in online.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", ["co_byol", "co_simclr", "simclr", "co_moco_v3"])
+@pytest.mark.parametrize("method", ["co_byol", "co_simclr", "simclr", "co_moco_v3", "co_dino"])
 def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path, method):
     torch.manual_seed(1)
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
