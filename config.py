@@ -243,7 +243,8 @@ def _declare(cfg):
                    "dropped, every other key must match); empty = random init", default=""),
     )
     _section(cfg, "method", "SSL method and heads").params(
-        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr", "moco_v3", "co_moco_v3", "dino", "co_dino"),
+        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr", "moco_v3", "co_moco_v3", "dino", "co_dino",
+                          "moco_v2"),
                    "base method "
                    "(definitions: losses.py's table, README 'Methods')", default="co_byol"),
         logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
@@ -261,6 +262,8 @@ def _declare(cfg):
         local_hidden=Param(StrictInt(1), "local head hidden width (1x1 convs)", default=256),
         temperature=Param(StrictFloat(1e-4), "NT-Xent / local InfoNCE temperature (SimCLR and MoCo v3 families)",
                           default=0.2),
+        queue_size=Param(StrictInt(1), "MoCo v2: keys in the queue of negatives (MoCo v2: 65536; LoGo's code: "
+                         "4096)", default=4096),
         dino_out_dim=Param(StrictInt(2), "DINO: prototypes K of the head's weight-normalised last layer (the head: "
                            "proj_hidden-wide 3-layer MLP to a proj_dim bottleneck, L2-normalised)", default=4096),
         dino_student_temp=Param(StrictFloat(1e-4), "DINO: student temperature", default=0.1),
@@ -323,7 +326,10 @@ def _declare(cfg):
         optimizer=Param(Choice("lars", "adamw"), "lars: LARS / SGD with momentum (see lars_eta); adamw: AdamW, "
                         "same groups (no decay on biases and norms), betas (momentum, 0.999)", default="lars"),
         lars_eta=Param(StrictFloat(0.0), "LARS trust coefficient (0 = SGD with momentum)", default=0.0),
-        tau=Param(StrictFloat(0.0, 1.0), "EMA tau at step 0; cosine to 1 (BYOL family)", default=0.99),
+        tau=Param(StrictFloat(0.0, 1.0), "EMA tau (momentum) of the target at step 0 (BYOL, MoCo, DINO)",
+                  default=0.99),
+        tau_schedule=Param(Choice("cosine", "constant"), "cosine: tau rises to 1 over the run (BYOL, MoCo v3, "
+                           "DINO); constant: tau throughout (MoCo v2)", default="cosine"),
         probe_lr=Param(StrictFloat(0.0), "online linear probe: SGD lr", default=0.1),
         predictor_lr_mult=Param(StrictFloat(0.0), "lr multiplier of the BYOL predictors (global and local)",
                                 default=1.0),

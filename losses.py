@@ -19,6 +19,11 @@ Notation: B images on this rank, N on all ranks, L locations per view, D embeddi
               after each step c <- m c + (1 - m) mean of the teacher's global logits over all ranks and views
   CO-DINO     L_l = 1/|P_G| sum_{(v,g) in P_G} mean_{b,l} H(sg t_g[b], S_v[b,l]): every location's student
               distribution (local heads) against the teacher's centred, sharpened global one of the other view
+  MoCo v2     nce(q, k) = CE([<q, k>, <q, n_1>, ..., <q, n_K>] / T, label 0), unit vectors, k = the same image's
+              momentum key (sg), n_j the queue of earlier steps' keys (all ranks); symmetrised:
+              L_g = (nce(q1, k2) + nce(q2, k1)) / 2 (multi-crop: the mean over P); then both views' keys enter the
+              queue (the oldest leave). LoGo on it (its public code): L_gg and L_lg in one mean over the 2 + 4
+              pairs of its 2 global and 2 local crops, i.e. the multi-crop rule, plus its L_ll
   mixing      'convex': (1 - w_s) L_g + w_s L_l (our default);  'additive': L_g + w_s L_l
   LoGo        L_gg + L_lg + lambda * L_ll, with L_ll the affinity f_d(z^l_1, z^l_2) that the encoder minimises,
               and f_d trained in an alternating step to score same-image local pairs above rolled pairs
@@ -295,6 +300,36 @@ def dino_center_update(center, teacher_mean, momentum):
     """c <- m c + (1 - m) teacher_mean, in place; teacher_mean [1, K]: the mean of the teacher's global logits over
     every view and image of the step (all ranks)."""
     center.mul_(momentum).add_(teacher_mean.detach(), alpha=1 - momentum)
+
+
+def moco_info_nce(q, k, queue, temperature):
+    """MoCo's InfoNCE. q: queries [B, D]; k: their positive keys [B, D] (detached); queue: negative keys [K, D];
+    the logits [B, 1 + K] are [<q, k>, <q, queue>] / T of unit vectors, the label 0; mean over the B queries."""
+    _check("q", q, 2)
+    _check("k", k, 2, q.shape[-1])
+    _check("queue", queue, 2, q.shape[-1])
+    q = F.normalize(q, dim=1)
+    k, queue = F.normalize(k.detach(), dim=1), F.normalize(queue.detach(), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def multicrop_moco_v2(queries, keys, queue, temperature):
+    """MoCo v2, symmetrised, with multi-crop: the mean over the pairs (v, g) of losses.py's table of
+    moco_info_nce(q_v, k_g, queue); with two views (nce(q1, k2) + nce(q2, k1)) / 2."""
+    pairs = crop_pairs(len(keys), len(queries))
+    _check_views("queries", list(queries) + list(keys), 2)
+    return sum(moco_info_nce(queries[v], keys[g], queue, temperature) for v, g in pairs) / len(pairs)
+
+
+@torch.no_grad()
+def enqueue(queue, ptr, keys):
+    """MoCo's queue, in place and without a host sync: the unit keys [n, D] overwrite rows ptr, ptr + 1, ... (mod K,
+    the oldest keys), and ptr [] moves on by n."""
+    K, n = queue.shape[0], keys.shape[0]
+    rows = (ptr + torch.arange(n, device=queue.device)) % K
+    queue.index_copy_(0, rows, F.normalize(keys.detach(), dim=1).to(queue.dtype))
+    ptr.copy_((ptr + n) % K)
 
 
 def cross_view_info_nce(anchors, targets, temperature):

@@ -17,9 +17,15 @@ BYOL_FAMILY = ("byol", "co_byol")
 SIMCLR_FAMILY = ("simclr", "co_simclr")
 MOCO_V3_FAMILY = ("moco_v3", "co_moco_v3")
 DINO_FAMILY = ("dino", "co_dino")
+MOCO_V2 = ("moco_v2",)
 MOMENTUM_FAMILY = BYOL_FAMILY + MOCO_V3_FAMILY  # a momentum (EMA) target and a predictor on the online side
-TARGET_FAMILY = MOMENTUM_FAMILY + DINO_FAMILY    # an EMA target (DINO's teacher has no predictor opposite)
-METHODS = BYOL_FAMILY + SIMCLR_FAMILY + MOCO_V3_FAMILY + DINO_FAMILY
+TARGET_FAMILY = MOMENTUM_FAMILY + DINO_FAMILY + MOCO_V2  # an EMA target (no predictor for DINO and MoCo v2)
+METHODS = BYOL_FAMILY + SIMCLR_FAMILY + MOCO_V3_FAMILY + DINO_FAMILY + MOCO_V2
+
+
+def moco_v2_head(dim_in, hidden, dim_out):
+    """MoCo v2's head: Linear -> ReLU -> Linear (no BatchNorm)."""
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim_out))
 
 
 class NormedLinear(nn.Module):
@@ -96,7 +102,7 @@ class SSLNet(nn.Module):
         moco = method in MOCO_V3_FAMILY  # MoCo v3's heads end in a BatchNorm without affine parameters
         dino = method in DINO_FAMILY     # DINO: the head ends in out_dim prototypes (z: logits)
         self.projector = DINOHead(C, proj_hidden, proj_dim, dino_out_dim) if dino else \
-            mlp(C, proj_hidden, proj_dim, last_bn=moco)
+            moco_v2_head(C, proj_hidden, proj_dim) if method in MOCO_V2 else mlp(C, proj_hidden, proj_dim, last_bn=moco)
         self.predictor = mlp(proj_dim, pred_hidden, proj_dim, last_bn=moco) if method in MOMENTUM_FAMILY else None
         self.has_local = method.startswith("co_")
         if self.has_local:

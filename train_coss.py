@@ -34,11 +34,11 @@ from config import VERSION as __version__
 from config import ConfigError, as_dict, help_text, load_config, print_config
 from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
 from losses import (cosine_distance, cross_view_info_nce, dino_center_update, dino_local_loss, dino_loss,
-                    dino_teacher_temp, ema_update, logo_affinity_losses, mix, multicrop_byol,
+                    dino_teacher_temp, ema_update, enqueue, logo_affinity_losses, mix, multicrop_byol,
                     multicrop_local_info_nce, multicrop_local_key_info_nce, multicrop_local_regression,
-                    multicrop_moco_v3, multicrop_nt_xent)
-from models import (BYOL_FAMILY, DINO_FAMILY, MOCO_V3_FAMILY, TARGET_FAMILY, NormedLinear, SSLNet, TargetNet,
-                    affinity_mlp)
+                    multicrop_moco_v2, multicrop_moco_v3, multicrop_nt_xent)
+from models import (BYOL_FAMILY, DINO_FAMILY, MOCO_V2, MOCO_V3_FAMILY, TARGET_FAMILY, NormedLinear, SSLNet,
+                    TargetNet, affinity_mlp)
 from rf_resnet import build_backbone, memory_format
 from write_ffcv import BetonError, quiet_numba_finalizers
 
@@ -413,10 +413,11 @@ def forward_views(net, packed, n_views, **kwargs):
     return list(out.chunk(n_views))
 
 
-def method_loss(spec, online, target, packed, local_packed, affinity, dino=None):
+def method_loss(spec, online, target, packed, local_packed, affinity, state=None):
     """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
-    LossSpec; online: the online network (maybe DDP); target: the EMA network or None; dino: DINO's (centre [1, K],
-    teacher temperature []) tensors, the centre updated here in place after the loss. The multi-crop rule of
+    LossSpec; online: the online network (maybe DDP); target: the EMA network or None; state: the method's own
+    tensors, updated here in place after the loss: DINO's (centre [1, K], teacher temperature []), MoCo v2's
+    (queue [K, D], pointer []). The multi-crop rule of
     losses.py's table (LoGo: its own terms on its 2 + 2 views). Returns (loss to minimise, affinity loss or None,
     dict of logged terms, global view 1's pooled features)."""
     name, w_s, T = spec.name, spec.w_s, spec.temperature
@@ -439,8 +440,14 @@ def method_loss(spec, online, target, packed, local_packed, affinity, dino=None)
             terms["local"] = multicrop_local_key_info_nce([o["P"] for o in outs], keys, T, keys_all, offset,
                                                           backend=spec.kernels)
             loss = mix(loss, terms["local"], w_s, spec.mixing)
+    elif name in MOCO_V2:  # queries: the online projections; keys: the momentum encoder's; negatives: the queue
+        queue, ptr = state
+        targets = forward_views(target, packed, spec.n_global)
+        # with LoGo, its 2 global + 2 local crops in one average of the 2 global-global and 4 local-global terms,
+        # as LoGo's public MoCo code (L_lg inside, not added); otherwise the multi-crop rule
+        loss = terms["global"] = multicrop_moco_v2([o["z"] for o in outs + locs], targets, queue, T)
     elif name in DINO_FAMILY:  # student: the online logits; teacher: the EMA network's, global views only
-        center, teacher_temp = dino
+        center, teacher_temp = state
         teacher = forward_views(target, packed, spec.n_global)
         loss = terms["global"] = dino_loss([o["z"] for o in crops], teacher, center, spec.dino_student_temp,
                                            teacher_temp)
@@ -462,14 +469,18 @@ def method_loss(spec, online, target, packed, local_packed, affinity, dino=None)
     if spec.logo:  # LoGo: L_gg (above) + L_lg + lambda L_ll
         (o1, o2), (l1, l2) = outs, locs
         if name in BYOL_FAMILY:
-            lg = sum(cosine_distance(l["p"], t).mean() for l in (l1, l2) for t in targets)
+            lg = terms["local_global"] = sum(cosine_distance(l["p"], t).mean() for l in (l1, l2) for t in targets)
+        elif name in MOCO_V2:  # L_lg is inside the MoCo average above (local queries, global keys, the queue)
+            lg = 0.0
         else:
-            lg = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2) for g in (o1, o2))
-        terms["local_global"] = lg
+            lg = terms["local_global"] = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2)
+                                             for g in (o1, o2))
         terms["local_local"], affinity_loss = logo_affinity_losses(affinity, l1["z"], l2["z"])
         # with logo_clip, L_ll enters through the step's clipped gradient instead of lambda
         loss = loss + lg + (0.0 if spec.logo_clip else spec.logo_lambda * terms["local_local"])
         terms["affinity"] = affinity_loss
+    if name in MOCO_V2:  # after the loss: this step's keys, every rank's, enter the queue
+        enqueue(queue, ptr, torch.cat([gather_with_grad(t) for t in targets]))
     terms["loss"] = loss
     return loss, affinity_loss, terms, outs[0]["y"]
 
@@ -536,15 +547,20 @@ class Run:
                 self.online, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
         target, affinity, spec = self.target, self.affinity, self.spec
 
-        # DINO's teacher centre and temperature: tensors on the device (state of the run, in the checkpoint)
-        self.dino = None
-        if cfg["method.name"] in DINO_FAMILY:
-            self.dino = (torch.zeros(1, cfg["method.dino_out_dim"], device=device),
-                         torch.full((), self.teacher_temp(0), device=device))
+        # the method's own tensors on the device, part of the checkpoint: DINO's teacher centre and temperature,
+        # MoCo v2's queue (random unit keys at first, as MoCo) and its pointer
+        self.state, self.dino = None, cfg["method.name"] in DINO_FAMILY
+        if self.dino:
+            self.state = (torch.zeros(1, cfg["method.dino_out_dim"], device=device),
+                          torch.full((), self.teacher_temp(0), device=device))
             self._prototypes = [m.weight for m in self.online.modules() if isinstance(m, NormedLinear)]
+        elif cfg["method.name"] in MOCO_V2:
+            g = torch.Generator().manual_seed(cfg["training.seed"])
+            queue = F.normalize(torch.randn(cfg["method.queue_size"], cfg["method.proj_dim"], generator=g), dim=1)
+            self.state = (queue.to(device), torch.zeros((), dtype=torch.long, device=device))
 
-        def forward_loss(packed, local_packed, dino):
-            return method_loss(spec, model, target, packed, local_packed, affinity, dino)
+        def forward_loss(packed, local_packed, state):
+            return method_loss(spec, model, target, packed, local_packed, affinity, state)
         self.forward_loss = forward_loss
         if cfg["training.compile"]:
             # the online and target networks and the losses in one graph (backward compiled with it); one graph
@@ -576,6 +592,8 @@ class Run:
         return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
 
     def tau(self, step):
+        if self.cfg["optim.tau_schedule"] == "constant":
+            return self.cfg["optim.tau"]
         return tau_at(step, self.total_steps, self.cfg["optim.tau"])
 
     def generator(self, step):
@@ -599,8 +617,8 @@ class Run:
                 self.loader.generate_code()
         if self.loader is not None:
             self.loader.next_epoch = epoch
-        if self.dino is not None:
-            self.dino[1].fill_(self.teacher_temp(epoch))
+        if self.dino:
+            self.state[1].fill_(self.teacher_temp(epoch))
 
     def prepare(self, batch, step):
         """A loader batch -> the Prepared inputs of step `step` (views cut and augmented on the run's device)."""
@@ -671,7 +689,7 @@ class Run:
         packed = pack_views(views, self.fuse)
         local_packed = pack_views(local_views, self.fuse) if local_views is not None else None
         with self.amp:
-            loss, affinity_loss, terms, features = self.forward_loss(packed, local_packed, self.dino)
+            loss, affinity_loss, terms, features = self.forward_loss(packed, local_packed, self.state)
         step = self.global_step + 1  # 1-based in messages and logs
         if self.check_every == 1:
             if not torch.isfinite(loss):  # sync
@@ -685,7 +703,7 @@ class Run:
                                         self.spec.logo_clip)
         else:
             loss.backward()
-        if self.dino is not None and self.epoch < self.cfg["method.dino_freeze_last_layer"]:
+        if self.dino and self.epoch < self.cfg["method.dino_freeze_last_layer"]:
             for p in self._prototypes:  # DINO: the last layer stays as initialised in the first epoch(s)
                 p.grad = None
         self.opt.step()
@@ -726,7 +744,7 @@ class Run:
                 "opt": self.opt.state_dict(), "probe_opt": self.probe_opt.state_dict(),
                 "affinity": opt(self.affinity), "aff_opt": opt(self.aff_opt), "step": self.global_step,
                 "rng": rng_state(), "budget_steps": self.total_steps if self.budgeted else None,
-                "dino_center": self.dino[0].clone() if self.dino is not None else None}
+                "method_state": [t.clone() for t in self.state] if self.state is not None else None}
 
     def load_state_dict(self, ck):
         self.online.load_state_dict(ck["online"])
@@ -738,8 +756,9 @@ class Run:
         if self.affinity is not None:
             self.affinity.load_state_dict(ck["affinity"])
             self.aff_opt.load_state_dict(ck["aff_opt"])
-        if self.dino is not None:
-            self.dino[0].copy_(ck["dino_center"])
+        if self.state is not None:
+            for t, saved in zip(self.state, ck["method_state"]):
+                t.copy_(saved)
         self.global_step = self.checked = ck["step"]
         self.checked += 1
         self.nonfinite.zero_()
@@ -921,8 +940,8 @@ def run_folder(cfg):
 
 def check_options(cfg, num_train, world):
     name = cfg["method.name"]
-    if cfg["method.logo"] and name not in ("byol", "simclr"):
-        raise TrainingError(f"method.logo=1 needs method.name byol or simclr (LoGo's bases), got {name}")
+    if cfg["method.logo"] and name not in ("byol", "simclr", "moco_v2"):
+        raise TrainingError(f"method.logo=1 needs method.name byol, simclr or moco_v2 (LoGo's bases), got {name}")
     if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
         raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
     if cfg["augment.local_cmin"] > cfg["augment.local_cmax"]:

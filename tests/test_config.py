@@ -40,7 +40,7 @@ def test_base_file_is_read_first_and_overridden(tmp_path):
 
 @pytest.mark.parametrize("name", ["in100_r50", "in100_byol", "in100_simclr", "in100_co_simclr", "in100_logo",
                                   "in100_multicrop", "in100_moco_v3", "in100_co_moco_v3",
-                                  "in100_dino", "in100_co_dino"])
+                                  "in100_dino", "in100_co_dino", "in100_moco_v2"])
 def test_imagenet100_variants_hold_only_what_they_change(name):
     """Each variant is `base: in100.yaml` plus its own keys; resolved, it differs from in100.yaml in those alone."""
     path = os.path.join(REPO, "configs", f"{name}.yaml")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from config import load_config
 from conftest import CUDA, REPO, TINY, needs_cuda, quiet, tiny_cfg
@@ -23,7 +24,7 @@ from train_coss import (LARS, TrainingError, build_optimizer, lr_at, param_group
                                                ("co_byol", 0, "2+4"), ("co_simclr", 0, "3+2"),
                                                ("moco_v3", 0, ""), ("co_moco_v3", 0, ""),
                                                ("co_moco_v3", 0, "2+2"), ("dino", 0, "2+2"),
-                                               ("co_dino", 0, "")])
+                                               ("co_dino", 0, ""), ("moco_v2", 0, ""), ("moco_v2", 1, "")])
 def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method, logo, views):
     multi_crop = []
     if views:  # multi-crop: global + local views at 8 px
@@ -140,8 +141,9 @@ class _Crash(Exception):
                                         "--augment.local_res=8"], ["--method.name=co_moco_v3"],
                                    ["--method.name=co_dino", "--augment.local_views=2", "--augment.local_res=8",
                                     "--method.dino_out_dim=32", "--method.dino_warmup_teacher_temp_epochs=2",
-                                    "--method.dino_warmup_teacher_temp=0.02"]],
-                         ids=["2+0", "multi-crop 2+3", "co_moco_v3", "co_dino multi-crop"])
+                                    "--method.dino_warmup_teacher_temp=0.02"],
+                                   ["--method.name=moco_v2", "--method.logo=1", "--method.queue_size=40"]],
+                         ids=["2+0", "multi-crop 2+3", "co_moco_v3", "co_dino multi-crop", "LoGo on moco_v2"])
 def test_a_killed_run_resumes_to_the_same_weights(betons, tmp_path, extra):
     ref = train(tiny_cfg(betons, tmp_path / "a", "--training.run_name=r", *extra), log=quiet)
     ref_state = torch.load(os.path.join(ref["run_dir"], "checkpoint.pt"), weights_only=False)
@@ -157,8 +159,9 @@ def test_a_killed_run_resumes_to_the_same_weights(betons, tmp_path, extra):
     train(tiny_cfg(betons, tmp_path / "b", "--training.run_name=r", "--training.resume=1", *extra), log=quiet)
     state = torch.load(os.path.join(tmp_path / "b" / "r" / "checkpoint.pt"), weights_only=False)
     assert state["step"] == ref_state["step"] == 8
-    if ref_state["dino_center"] is not None:  # DINO's teacher centre resumes with the weights
-        torch.testing.assert_close(state["dino_center"], ref_state["dino_center"], rtol=0, atol=0)
+    if ref_state["method_state"] is not None:  # DINO's teacher centre, MoCo v2's queue resume with the weights
+        for a, b in zip(state["method_state"], ref_state["method_state"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
     for key in ("online", "target", "probe"):
         if ref_state[key] is None:  # SimCLR family: no target network
             assert state[key] is None
@@ -219,10 +222,10 @@ def _ddp_worker(rank, world, port, method, x1, x2, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    loss, grads = _one_step(method, x1, x2, world, rank)
+    loss, grads, state = _one_step(method, x1, x2, world, rank)
     torch.distributed.all_reduce(loss)
     if rank == 0:
-        torch.save({"loss": loss / world, "grads": grads}, out)
+        torch.save({"loss": loss / world, "grads": grads, "state": state}, out)
     torch.distributed.barrier()  # neither rank leaves while the other still talks to it
     # then leave at once, as train_coss.py's main does: gloo's threads at interpreter teardown sometimes abort a
     # finished process ("terminate called without an active exception", ~1 run in 20 on a 2-core machine)
@@ -245,18 +248,25 @@ def _one_step(method, x1, x2, world, rank):
         model = nn.parallel.DistributedDataParallel(online)
         b = x1.shape[0] // world
         x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
-    dino = (torch.zeros(1, cfg["method.dino_out_dim"]), torch.tensor(0.04)) if "dino" in method else None
-    loss, _, _, _ = train_coss.method_loss(train_coss.loss_spec(cfg), model, target, (x1, x2), None, None, dino)
+    state = (torch.zeros(1, cfg["method.dino_out_dim"]), torch.tensor(0.04)) if "dino" in method else None
+    if method == "moco_v2":  # the same queue on every rank, as the trainer seeds it
+        queue = torch.randn(cfg["method.queue_size"], cfg["method.proj_dim"],
+                            generator=torch.Generator().manual_seed(5))
+        state = (F.normalize(queue, dim=1), torch.zeros((), dtype=torch.long))
+    loss, _, _, _ = train_coss.method_loss(train_coss.loss_spec(cfg), model, target, (x1, x2), None, None, state)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in online.named_parameters() if p.grad is not None}
+    return loss.detach(), {n: p.grad.clone() for n, p in online.named_parameters() if p.grad is not None}, state
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", ["co_byol", "co_simclr", "simclr", "co_moco_v3", "co_dino"])
+@pytest.mark.parametrize("method", ["co_byol", "co_simclr", "simclr", "co_moco_v3", "co_dino", "moco_v2"])
 def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path, method):
+    """Loss and gradients of 2 ranks with 4 images each equal those of 1 rank with all 8; so do the method's own
+    tensors after the step: DINO's centre (all ranks' teacher mean) and MoCo v2's queue (every rank's keys, enqueued
+    in rank order: the one-rank batch's order)."""
     torch.manual_seed(1)
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    loss, grads = _one_step(method, x1, x2, 1, 0)
+    loss, grads, state = _one_step(method, x1, x2, 1, 0)
     out = tmp_path / "rank0.pt"
     with socket.socket() as s:  # a free port for this spawn (a fixed one can still be held by the previous test)
         s.bind(("127.0.0.1", 0))
@@ -267,6 +277,10 @@ def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path, method):
     assert set(got["grads"]) == set(grads)
     for name, g in grads.items():
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for a, b in zip(got["state"] or (), state or ()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if method == "moco_v2":  # the 2 x 8 keys entered the queue
+        assert int(state[1]) == int(got["state"][1]) == 16
 
 
 # --------------------------------------------------------------------------------------------------- pieces
