@@ -311,7 +311,7 @@ def moco_info_nce(q, k, queue, temperature):
     _check("k", k, 2, q.shape[-1])
     _check("queue", queue, 2, q.shape[-1])
     q = F.normalize(q, dim=1)
-    k, queue = F.normalize(k.detach(), dim=1), F.normalize(queue.detach(), dim=1)
+    k, queue = F.normalize(k.detach(), dim=1), F.normalize(queue.detach().to(q.dtype), dim=1)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 

@@ -416,11 +416,14 @@ def forward_views(net, packed, n_views, **kwargs):
 def method_loss(spec, online, target, packed, local_packed, affinity, state=None):
     """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
     LossSpec; online: the online network (maybe DDP); target: the EMA network or None; state: the method's own
-    tensors, updated here in place after the loss: DINO's (centre [1, K], teacher temperature []), MoCo v2's
-    (queue [K, D], pointer []). The multi-crop rule of
+    tensors, read here: DINO's (centre [1, K], teacher temperature []), MoCo v2's (queue [K, D], pointer []). The
+    multi-crop rule of
     losses.py's table (LoGo: its own terms on its 2 + 2 views). Returns (loss to minimise, affinity loss or None,
-    dict of logged terms, global view 1's pooled features)."""
+    dict of logged terms, global view 1's pooled features, the state's update or None: DINO's teacher mean over
+    all ranks [1, K], MoCo v2's keys of all ranks to enqueue [n, D]; update_state applies it, after the backward and
+    outside any compiled graph: torch.compile read an input mutated inside its graph stale, torch 2.14.1 CPU)."""
     name, w_s, T = spec.name, spec.w_s, spec.temperature
+    update = None
     outs = forward_views(online, packed, spec.n_global)                     # the global views, local heads on
     locs = forward_views(online, local_packed, spec.n_local, local=False) if local_packed is not None else []
     crops = outs + ([] if spec.logo else locs)                              # the views of the multi-crop rule
@@ -455,8 +458,9 @@ def method_loss(spec, online, target, packed, local_packed, affinity, state=None
             terms["local"] = dino_local_loss([o["P"] for o in outs], teacher, center, spec.dino_student_temp,
                                              teacher_temp)
             loss = mix(loss, terms["local"], w_s, spec.mixing)
-        step_mean = gather_with_grad(torch.cat(teacher).float().mean(0, keepdim=True)).mean(0, keepdim=True)
-        dino_center_update(center, step_mean, spec.dino_center_momentum)  # all ranks: equal batches
+        logits = torch.cat(teacher)  # averaged in fp32 at least (bf16 under autocast)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        update = gather_with_grad(logits.mean(0, keepdim=True)).mean(0, keepdim=True)
     else:
         gathered = [gather_with_grad(o["z"]) for o in outs]
         offset = (dist.get_rank() * outs[0]["z"].shape[0]) if gathered[0].shape[0] != outs[0]["z"].shape[0] else 0
@@ -480,9 +484,20 @@ def method_loss(spec, online, target, packed, local_packed, affinity, state=None
         loss = loss + lg + (0.0 if spec.logo_clip else spec.logo_lambda * terms["local_local"])
         terms["affinity"] = affinity_loss
     if name in MOCO_V2:  # after the loss: this step's keys, every rank's, enter the queue
-        enqueue(queue, ptr, torch.cat([gather_with_grad(t) for t in targets]))
+        update = torch.cat([gather_with_grad(t) for t in targets])
     terms["loss"] = loss
-    return loss, affinity_loss, terms, outs[0]["y"]
+    return loss, affinity_loss, terms, outs[0]["y"], update
+
+
+def update_state(spec, state, update):
+    """After the step's loss: DINO's centre moves towards the teacher mean (all ranks: equal batches), MoCo v2's
+    queue takes the keys; in place, no host sync."""
+    if update is None:
+        return
+    if spec.name in DINO_FAMILY:
+        dino_center_update(state[0], update, spec.dino_center_momentum)
+    elif spec.name in MOCO_V2:
+        enqueue(state[0], state[1], update)
 
 
 def backward_with_relative_clip(main, extra, params, clip):
@@ -689,7 +704,7 @@ class Run:
         packed = pack_views(views, self.fuse)
         local_packed = pack_views(local_views, self.fuse) if local_views is not None else None
         with self.amp:
-            loss, affinity_loss, terms, features = self.forward_loss(packed, local_packed, self.state)
+            loss, affinity_loss, terms, features, update = self.forward_loss(packed, local_packed, self.state)
         step = self.global_step + 1  # 1-based in messages and logs
         if self.check_every == 1:
             if not torch.isfinite(loss):  # sync
@@ -703,6 +718,9 @@ class Run:
                                         self.spec.logo_clip)
         else:
             loss.backward()
+        # after the backward: a compiled graph may read the state it saved for backward (a mutation before it
+        # fails autograd's version check, or under torch.compile is read stale)
+        update_state(self.spec, self.state, update)
         if self.dino and self.epoch < self.cfg["method.dino_freeze_last_layer"]:
             for p in self._prototypes:  # DINO: the last layer stays as initialised in the first epoch(s)
                 p.grad = None

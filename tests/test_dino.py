@@ -76,7 +76,8 @@ def test_the_step_centres_the_teacher_with_momentum():
     center0 = torch.randn(1, 12)
     dino = (center0.clone(), torch.tensor(0.05))
     spec = train_coss.loss_spec(cfg)
-    loss, _, terms, _ = train_coss.method_loss(spec, online, target, (x1, x2), None, None, dino)
+    loss, _, terms, _, update = train_coss.method_loss(spec, online, target, (x1, x2), None, None, dino)
+    train_coss.update_state(spec, dino, update)
     with torch.no_grad():
         t1, t2 = target(x1), target(x2)
         s1, s2 = online(x1)["z"], online(x2)["z"]

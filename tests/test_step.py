@@ -39,6 +39,8 @@ def _build(*extra, frozen_bn=False, double=False):
         for net in (run.online, run.target, run.probe, run.affinity):
             if net is not None:
                 net.double()  # in place: the optimisers hold the same parameters
+        if run.state is not None:  # DINO's centre and temperature, MoCo v2's queue
+            run.state = tuple(t.double() if t.is_floating_point() else t for t in run.state)
         make = run.make_views
         def make_double(*args):
             views, local, labels = make(*args)

@@ -253,7 +253,9 @@ def _one_step(method, x1, x2, world, rank):
         queue = torch.randn(cfg["method.queue_size"], cfg["method.proj_dim"],
                             generator=torch.Generator().manual_seed(5))
         state = (F.normalize(queue, dim=1), torch.zeros((), dtype=torch.long))
-    loss, _, _, _ = train_coss.method_loss(train_coss.loss_spec(cfg), model, target, (x1, x2), None, None, state)
+    spec = train_coss.loss_spec(cfg)
+    loss, _, _, _, update = train_coss.method_loss(spec, model, target, (x1, x2), None, None, state)
+    train_coss.update_state(spec, state, update)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in online.named_parameters() if p.grad is not None}, state
 
