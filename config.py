@@ -245,8 +245,15 @@ def _declare(cfg):
     _section(cfg, "method", "SSL method and heads").params(
         name=Param(Choice("byol", "co_byol", "simclr", "co_simclr", "moco_v3", "co_moco_v3", "dino", "co_dino",
                           "moco_v2"),
-                   "base method "
-                   "(definitions: losses.py's table, README 'Methods')", default="co_byol"),
+                   "the method (exact formulas: losses.py's table; ImageNet-100 recipes: configs/in100*.yaml). byol: "
+                   "online prediction regresses the EMA target's projection of the other view; simclr: NT-Xent "
+                   "over both views of the batch; moco_v3: InfoNCE of predictions against the other view's momentum "
+                   "keys (2T-scaled, symmetric); dino: student softmax against the EMA teacher's centred, sharpened "
+                   "softmax over prototypes; moco_v2: InfoNCE against the momentum key and a queue of earlier keys "
+                   "(with method.logo=1: LoGo on its own base). co_byol, co_simclr, co_moco_v3, co_dino: plus every "
+                   "location of the feature "
+                   "map, through 1x1 local heads, matched with the other view's global target in that method's "
+                   "way, mixed with w_s", default="co_byol"),
         logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
         w_s=Param(StrictFloat(0.0), "weight of the local term (0.2: the CPU demo; in100 configs: 0.5)",
                   default=0.2),
