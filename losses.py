@@ -228,14 +228,9 @@ def _keys_of(keys, keys_all, offset):
 
 
 def moco_ctr(q, keys, temperature, offset=0):
-    """MoCo v3's contrastive term: 2T x cross-entropy of the unit queries q [B, D] against the unit momentum keys
-    [N, D] (detached; this rank's rows start at offset), the positive of row b being key offset + b."""
-    _check("q", q, 2)
-    _check("keys", keys, 2, q.shape[-1])
-    if not 0 <= offset <= keys.shape[0] - q.shape[0]:
-        raise ValueError(f"keys [{keys.shape[0]}] do not hold this rank's {q.shape[0]} rows at offset {offset}")
-    logits = F.normalize(q, dim=1) @ F.normalize(keys.detach(), dim=1).T / temperature
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device) + offset) * (2 * temperature)
+    """MoCo v3's contrastive term: 2T x cross_view_info_nce of the queries q [B, D] against the momentum keys
+    [N, D] of every rank (this rank's rows start at offset)."""
+    return cross_view_info_nce(q, keys, temperature, offset) * (2 * temperature)
 
 
 def multicrop_moco_v3(queries, keys, temperature, keys_all=None, offset=0):
@@ -257,8 +252,8 @@ def multicrop_local_key_info_nce(Q, keys, temperature, keys_all=None, offset=0, 
     pairs = crop_pairs(len(keys), len(Q))
     every, offset = _keys_of(keys, keys_all, offset)
     return (2 / len(pairs)) * sum(
-        local_key_info_nce(Q[v], keys[g], temperature, every[g] if keys_all is not None else None, offset,
-                           backend=backend) * (2 * temperature) for v, g in pairs)
+        local_key_info_nce(Q[v], keys[g], temperature, every[g], offset, backend=backend) * (2 * temperature)
+        for v, g in pairs)
 
 
 def dino_teacher_temp(epoch, warmup_temp, temp, warmup_epochs):
@@ -334,15 +329,21 @@ def enqueue(queue, ptr, keys):
     ptr.copy_((ptr + n) % K)
 
 
-def cross_view_info_nce(anchors, targets, temperature):
-    """InfoNCE of anchors [B, D] against detached targets [B, D]: anchor b's positive is targets[b], the other
-    rows are negatives (LoGo's L_lg on the SimCLR base)."""
+def cross_view_info_nce(anchors, targets, temperature, offset=None):
+    """InfoNCE of unit anchors [B, D] against detached unit targets: anchor b's positive is targets[b], the other
+    rows are negatives (LoGo's L_lg on the SimCLR base; targets [B, D]). With offset: targets [N, D] of every rank,
+    this rank's rows from offset, the positive of anchor b targets[offset + b] (MoCo v3's keys, moco_ctr)."""
     _check("anchors", anchors, 2)
     _check("targets", targets, 2, anchors.shape[-1])
-    if anchors.shape != targets.shape:
-        raise ValueError(f"cross_view_info_nce: {tuple(anchors.shape)} vs {tuple(targets.shape)}")
+    if offset is None:
+        if anchors.shape != targets.shape:
+            raise ValueError(f"cross_view_info_nce: {tuple(anchors.shape)} vs {tuple(targets.shape)}")
+        offset = 0
+    elif not 0 <= offset <= targets.shape[0] - anchors.shape[0]:
+        raise ValueError(f"targets [{targets.shape[0]}] do not hold this rank's {anchors.shape[0]} rows at offset "
+                         f"{offset}")
     logits = F.normalize(anchors, dim=1) @ F.normalize(targets.detach(), dim=1).T / temperature
-    return F.cross_entropy(logits, torch.arange(anchors.shape[0], device=anchors.device))
+    return F.cross_entropy(logits, torch.arange(anchors.shape[0], device=anchors.device) + offset)
 
 
 def logo_affinity_losses(affinity, zl1, zl2):

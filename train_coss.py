@@ -94,6 +94,13 @@ def gather_with_grad(x):
     return _GatherRows.apply(x)
 
 
+def gather_views(xs):
+    """Every rank's rows of each view in xs (gather_with_grad), and this rank's first row in them."""
+    gathered = [gather_with_grad(x) for x in xs]
+    offset = dist.get_rank() * xs[0].shape[0] if gathered[0].shape[0] != xs[0].shape[0] else 0
+    return gathered, offset
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data: FFCV betons written by write_ffcv.py with the same config.
 
@@ -417,11 +424,11 @@ def method_loss(spec, online, target, packed, local_packed, affinity, state=None
     """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
     LossSpec; online: the online network (maybe DDP); target: the EMA network or None; state: the method's own
     tensors, read here: DINO's (centre [1, K], teacher temperature []), MoCo v2's (queue [K, D], pointer []). The
-    multi-crop rule of
-    losses.py's table (LoGo: its own terms on its 2 + 2 views). Returns (loss to minimise, affinity loss or None,
-    dict of logged terms, global view 1's pooled features, the state's update or None: DINO's teacher mean over
-    all ranks [1, K], MoCo v2's keys of all ranks to enqueue [n, D]; update_state applies it, after the backward and
-    outside any compiled graph: torch.compile read an input mutated inside its graph stale, torch 2.14.1 CPU)."""
+    multi-crop rule of losses.py's table (LoGo: its own terms on its 2 + 2 views). Returns (loss to minimise,
+    affinity loss or None, dict of logged terms, global view 1's pooled features, the state's update or None:
+    DINO's teacher mean over all ranks [1, K], MoCo v2's keys of all ranks to enqueue [n, D]; update_state applies
+    it, after the backward and outside any compiled graph: torch.compile read an input mutated inside its graph
+    stale, torch 2.14.1 CPU)."""
     name, w_s, T = spec.name, spec.w_s, spec.temperature
     update = None
     outs = forward_views(online, packed, spec.n_global)                     # the global views, local heads on
@@ -436,8 +443,7 @@ def method_loss(spec, online, target, packed, local_packed, affinity, state=None
             loss = mix(loss, terms["local"], w_s, spec.mixing)
     elif name in MOCO_V3_FAMILY:  # queries: online predictions; keys: the momentum encoder's, all ranks'
         keys = forward_views(target, packed, spec.n_global)
-        keys_all = [gather_with_grad(k) for k in keys]
-        offset = (dist.get_rank() * keys[0].shape[0]) if keys_all[0].shape[0] != keys[0].shape[0] else 0
+        keys_all, offset = gather_views(keys)
         loss = terms["global"] = multicrop_moco_v3([o["p"] for o in crops], keys, T, keys_all, offset)
         if name == "co_moco_v3":
             terms["local"] = multicrop_local_key_info_nce([o["P"] for o in outs], keys, T, keys_all, offset,
@@ -462,8 +468,7 @@ def method_loss(spec, online, target, packed, local_packed, affinity, state=None
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         update = gather_with_grad(logits.mean(0, keepdim=True)).mean(0, keepdim=True)
     else:
-        gathered = [gather_with_grad(o["z"]) for o in outs]
-        offset = (dist.get_rank() * outs[0]["z"].shape[0]) if gathered[0].shape[0] != outs[0]["z"].shape[0] else 0
+        gathered, offset = gather_views([o["z"] for o in outs])
         loss = terms["global"] = multicrop_nt_xent([o["z"] for o in crops], spec.n_global, T, gathered, offset)
         if name == "co_simclr":
             terms["local"] = multicrop_local_info_nce([o["P"] for o in outs], [o["z"] for o in outs], T, gathered,
@@ -484,7 +489,7 @@ def method_loss(spec, online, target, packed, local_packed, affinity, state=None
         loss = loss + lg + (0.0 if spec.logo_clip else spec.logo_lambda * terms["local_local"])
         terms["affinity"] = affinity_loss
     if name in MOCO_V2:  # after the loss: this step's keys, every rank's, enter the queue
-        update = torch.cat([gather_with_grad(t) for t in targets])
+        update = torch.cat(gather_views(targets)[0])
     terms["loss"] = loss
     return loss, affinity_loss, terms, outs[0]["y"], update
 

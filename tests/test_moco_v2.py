@@ -1,7 +1,6 @@
 """MoCo v2 with its queue, and LoGo on it: the InfoNCE against the queue written out from the MoCo paper (values,
 gradients, stop-gradient on keys and queue, symmetry), the queue's first-in-first-out order with wrap-around, the
 trainer's queue after a step, the constant momentum."""
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -82,10 +81,3 @@ def test_the_trainers_step_enqueues_its_keys_and_keeps_the_momentum_constant():
     assert int(run.state[1]) == 32
     assert run.tau(0) == run.tau(run.total_steps // 2) == 0.999
 
-
-@pytest.mark.parametrize("extra,message", [(["--method.name=co_moco_v3", "--method.logo=1"], "LoGo's bases")])
-def test_logo_bases(extra, message):
-    import train_coss
-    cfg = load_config(None, TINY + extra)
-    with pytest.raises(train_coss.TrainingError, match=message):
-        train_coss.check_options(cfg, 64, 1)

@@ -202,6 +202,7 @@ def _cli(*args):
     (["--data.name=nothing"], "write it with: python write_ffcv.py --split train"),
     (["--optim.batch_size=128"], "larger than the 64 training images"),
     (["--method.name=co_byol", "--method.logo=1"], "LoGo's bases"),
+    (["--method.name=co_moco_v3", "--method.logo=1"], "LoGo's bases"),
     (["--method.w_s=1.5"], "convex mixing"),
     (["--augment.global_views=1"], "'augment.global_views': '1' (expected an int >= 2)"),
     (["--augment.local_cmin=0.3", "--augment.local_cmax=0.2"], "is above augment.local_cmax"),
