@@ -51,7 +51,6 @@ class DINOHead(nn.Module):
 
     def __init__(self, d_in, hidden, bottleneck, out_dim, local=False):
         super().__init__()
-        self.local = local
 
         def layer(a, b):
             m = nn.Conv2d(a, b, 1) if local else nn.Linear(a, b)
@@ -69,20 +68,16 @@ class DINOHead(nn.Module):
 def mlp(dim_in, hidden, dim_out, last_bn=False):
     """BYOL's head: Linear -> BN -> ReLU -> Linear. last_bn (MoCo v3's heads): both Linears without bias and a
     BatchNorm without affine parameters on the output."""
-    if not last_bn:
-        return nn.Sequential(nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                             nn.Linear(hidden, dim_out))
-    return nn.Sequential(nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out, bias=False), nn.BatchNorm1d(dim_out, affine=False))
+    layers = [nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+              nn.Linear(hidden, dim_out, bias=not last_bn)]
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(dim_out, affine=False)] if last_bn else []))
 
 
 def local_mlp(dim_in, hidden, dim_out, last_bn=False):
     """The same head as 1x1 convolutions: applied at every location of a feature map."""
-    if not last_bn:
-        return nn.Sequential(nn.Conv2d(dim_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
-                             nn.ReLU(inplace=True), nn.Conv2d(hidden, dim_out, 1))
-    return nn.Sequential(nn.Conv2d(dim_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden, dim_out, 1, bias=False), nn.BatchNorm2d(dim_out, affine=False))
+    layers = [nn.Conv2d(dim_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+              nn.Conv2d(hidden, dim_out, 1, bias=not last_bn)]
+    return nn.Sequential(*layers, *([nn.BatchNorm2d(dim_out, affine=False)] if last_bn else []))
 
 
 class SSLNet(nn.Module):
