@@ -166,6 +166,14 @@ def train_loader(cfg, path, indices, world, res):
     return loader, decoders
 
 
+def views_text(cfg):
+    """The views of an image in words, for the start line: '2 views of 224 px' or '2 x 224 px + 6 x 96 px views'."""
+    plan = view_plan(cfg)
+    if not plan.n_local:
+        return f"{plan.n_global} views of {cfg['augment.res']} px"
+    return f"{plan.n_global} x {cfg['augment.res']} px + {plan.n_local} x {plan.local_res} px views"
+
+
 def view_augments(cfg):
     """(the global views' ViewAugments, the local views'): global view i takes BYOL's view 1 or 2 policy (i even or
     odd: blur p_blur1/2, solarize p_solarize1/2); LoGo's local pair the same two; multi-crop local views DINO's
@@ -1121,7 +1129,8 @@ def train(cfg, on_step=None, log=print):
     if is_main:
         log(f"run {run_dir}: {device}, {num_train} train images, {steps_per_epoch} steps/epoch x {epochs} epochs "
             f"({run.total_steps} steps, from step {run.global_step}), batch {cfg['optim.batch_size']}"
-            f"{f' x {world} processes' if world > 1 else ''}, compile {'on' if cfg['training.compile'] else 'off'}")
+            f"{f' x {world} processes' if world > 1 else ''}, {views_text(cfg)}, "
+            f"compile {'on' if cfg['training.compile'] else 'off'}")
         if cfg["training.compile"] and not cfg["optim.minutes"]:
             log("compiling the step (the first step waits for it; a minute or more on a CPU) ...")
     if is_main:

@@ -70,7 +70,7 @@ def test_a_run_names_its_folder_at_start_and_end_and_gives_an_eta_per_epoch(beto
     run = str(tmp_path / "r")
     start = next(line for line in lines if line.startswith("run "))
     assert run in start and "cpu" in start and "64 train images" in start and "4 steps/epoch" in start
-    assert "compile off" in start and "batch 16" in start
+    assert "compile off" in start and "batch 16" in start and "2 views of 16 px" in start
     epochs = [line for line in lines if re.match(r"epoch \d done \(\d/2\): loss \d", line)]
     assert len(epochs) == 2 and "ETA" in epochs[0] and "img/s" in epochs[0] and "training done" in epochs[1]
     assert lines[-1].startswith("done in ") and run in lines[-1]
