@@ -327,7 +327,9 @@ def _declare(cfg):
                       "the first steps (timed, then undone), so the lr and tau schedules run whole; the last epoch "
                       "may be partial; 0 = train optim.epochs", default=0.0),
         lr=Param(StrictFloat(0.0), "base lr per 256 images (x batch_size * world / 256)", default=0.6),
-        warmup_epochs=Param(StrictFloat(0.0), "linear warm-up, then cosine to 0", default=0.2),
+        warmup_epochs=Param(StrictFloat(0.0), "linear warm-up, then optim.lr_schedule", default=0.2),
+        lr_schedule=Param(Choice("cosine", "constant"), "after the warm-up: cosine to 0, or the peak lr throughout "
+                          "(lightly's and SimSiam's examples)", default="cosine"),
         weight_decay=Param(StrictFloat(0.0), "not applied to biases and norms", default=5e-4),
         momentum=Param(StrictFloat(0.0, 1.0), "SGD/LARS momentum (AdamW: beta1)", default=0.9),
         optimizer=Param(Choice("lars", "adamw"), "lars: LARS / SGD with momentum (see lars_eta); adamw: AdamW, "

@@ -338,10 +338,12 @@ def build_optimizer(cfg, online, peak_lr):
     return LARS(groups, lr=peak_lr, momentum=cfg["optim.momentum"], eta=cfg["optim.lars_eta"])
 
 
-def lr_at(step, total, warmup, peak):
-    """Linear warm-up to peak over `warmup` steps, then cosine to 0."""
+def lr_at(step, total, warmup, peak, schedule="cosine"):
+    """Linear warm-up to peak over `warmup` steps, then cosine to 0 (or peak throughout: schedule='constant')."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -617,7 +619,7 @@ class Run:
         self.total_steps, self.budgeted = int(total), True
 
     def lr(self, step):
-        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg["optim.lr_schedule"])
 
     def tau(self, step):
         if self.cfg["optim.tau_schedule"] == "constant":

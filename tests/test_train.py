@@ -348,6 +348,9 @@ def test_schedules():
     assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1) and lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0) and lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
     assert tau_at(0, 100, 0.99) == pytest.approx(0.99) and tau_at(100, 100, 0.99) == pytest.approx(1.0)
+    # optim.lr_schedule=constant: the same warm-up, then the peak to the end
+    assert [lr_at(s, 100, 10, 1.0, "constant") for s in (0, 9, 10, 50, 99)] == pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0])
+    assert lr_at(50, 100, 0, 0.3, "constant") == 0.3 and lr_at(50, 100, 0, 0.3) == pytest.approx(0.15)
     cfg = load_config(None, ["--augment.res=64", "--augment.res_start=32", "--augment.res_ramp_epochs=4"])
     assert [resolution_at(cfg, e) for e in range(6)] == [32, 40, 48, 56, 64, 64]
 
