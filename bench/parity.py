@@ -342,15 +342,19 @@ def report(out_dir):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {}
     for (method, trainer, views, seed), rs in sorted(runs.items()):
-        label = f"{method} {trainer} trainer, {views} views"
+        if rs[-1]["step"] < longest:
+            continue
+        who = {"ours": "our Run", "ref": "lightly"}
+        label = f"{method}: {who[trainer]}, {'our' if views == 'ours' else 'lightly'} views"
         colour = colours.setdefault(label, f"C{len(colours)}")
         ax.plot([r["step"] for r in rs], [r["knn"] for r in rs], color=colour, marker="o", markersize=3,
                 linestyle=("-", "--", ":", "-.")[seed % 4], label=f"{label}, seed {seed}")
     ax.set_xlabel("step")
     ax.set_ylabel("kNN accuracy (k 20, 10,000-image bank, 10,000 val)")
-    ax.set_title("Parity: kNN against step (step 0 = the shared random init)")
+    ax.set_title("Parity: kNN against step (step 0 = the shared random init)\n"
+                 "same pixels, recipe, steps, seed and initial backbone; one evaluation", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, handlelength=4)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "parity.png"), dpi=120)
     print(f"parity: wrote {out_dir}/parity.md and {out_dir}/parity.png")
