@@ -47,14 +47,15 @@ bench: setup
 	$(PY) bench/bench_loader.py
 
 # Optional: the parity harness's reference (lightly, pinned, --no-deps so torch and numpy stay as requirements.txt
-# has them), then BYOL against it at 2 seeds (bench/parity.py; about 40 minutes on a 2-core CPU).
+# has them), then BYOL against it at 2 seeds (bench/parity.py; about 45 minutes on a 2-core CPU), into
+# runs/parity/byol (the committed runs: reports/parity/byol).
 parity-setup: setup
 	$(PY) -m pip install -q --no-deps -r requirements-parity.txt
 	@$(PY) -c "import lightly.loss, lightly.models.modules, lightly.transforms; print('parity-setup: ok, lightly', lightly.__version__)"
 
 parity: parity-setup
 	@for split in train val; do [ -f betons/fmnist_$$split.beton ] || $(PY) write_ffcv.py --split $$split --config configs/fmnist.yaml || exit 1; done
-	$(PY) bench/parity.py --method byol --seeds 0 1 --out reports/parity/byol
+	$(PY) bench/parity.py --method byol --seeds 0 1 --steps 300 --eval-every 100 --out runs/parity/byol
 
 clean-betons:
 	rm -f betons/fmnist28_train.beton betons/fmnist28_val.beton betons/fmnist_train.beton betons/fmnist_val.beton

@@ -44,10 +44,12 @@ RECIPES = {
     "simclr": dict(
         note="SimCLR as lightly's example: head 1024/128, NT-Xent at T 0.1 over 2B views, SGD momentum 0.9 at a "
              "constant lr 0.06, no weight decay, crop scale 0.08-1, jitter, grey, no blur, no solarize. Our loss "
-             "equals lightly's NTXentLoss, so the lrs are equal.",
+             "equals lightly's NTXentLoss, so the lrs are equal. lightly's SimCLRProjectionHead ends in a "
+             "BatchNorm, ours (SimCLR v1's) does not: a head difference the comparison keeps.",
         res=32, batch=256, c_min=0.08, jitter=(0.8, 0.8, 0.8, 0.2), blur=(0.0, 0.0), solarize=(0.0, 0.0),
         proj_hidden=1024, proj_dim=128,
-        pred_hidden=1024, ref_lr=0.06, ours_lr_scale=1.0, tau=0.99, weight_decay=0.0, temperature=0.1),
+        pred_hidden=1024, ref_lr=0.06, ours_lr_scale=1.0, tau=0.99, weight_decay=0.0, temperature=0.1,
+        ref_last_bn=1),  # 0: lightly's trainer with our head (no BatchNorm on the output), a swap run
 }
 
 
@@ -87,7 +89,8 @@ def our_config(method, recipe, seed, extra=()):
 def reference_model(method, backbone, dim, recipe):
     import torch.nn as nn
     from lightly.loss import NegativeCosineSimilarity, NTXentLoss
-    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
+    from lightly.models.modules.heads import (BYOLPredictionHead, BYOLProjectionHead, ProjectionHead,
+                                              SimCLRProjectionHead)
     from lightly.models.utils import deactivate_requires_grad, update_momentum
 
     class Features(nn.Module):  # our backbones return (map, pooled); lightly's examples take the pooled vector
@@ -130,7 +133,12 @@ def reference_model(method, backbone, dim, recipe):
         def __init__(self):
             super().__init__()
             self.backbone = Features(backbone)
-            self.projection_head = SimCLRProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"])
+            if recipe["ref_last_bn"]:  # lightly's SimCLR head: Linear, BN, ReLU, Linear, BN
+                self.projection_head = SimCLRProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"])
+            else:  # ours (SimCLR v1's): no BatchNorm on the output
+                hidden, out = recipe["proj_hidden"], recipe["proj_dim"]
+                self.projection_head = ProjectionHead([(dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU()),
+                                                       (hidden, out, None, None)])
             self.criterion = NTXentLoss(temperature=recipe["temperature"])
 
         def training_loss(self, x0, x1, step):
@@ -300,14 +308,34 @@ def one_run(args):
 # ---------------------------------------------------------------------------------------------------------------
 # The report: a table and one PNG from rows.jsonl.
 
+def variant(method, recipe_set, ours_set):
+    """A run's name in the report: the method, then any --set / --ours changes (a swap or recipe variant)."""
+    return " ".join([method, *recipe_set, *ours_set])
+
+
 def report(out_dir):
     import statistics
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "rows.jsonl")) if line.strip()]
+    path = os.path.join(out_dir, "rows.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"parity: {path} does not exist (run bench/parity.py with --out {out_dir} first)")
+    rows, bad = [], 0
+    for line in open(path):
+        try:
+            r = json.loads(line)
+            if all(k in r for k in ("method", "trainer", "views", "seed", "step", "knn", "train_s", "same_init")):
+                rows.append(r)
+                continue
+        except ValueError:
+            pass
+        bad += bool(line.strip())
+    if bad:
+        print(f"parity: skipped {bad} unreadable row(s) of {path} (a run cut while writing?)")
     if not rows:
-        raise SystemExit(f"parity: {out_dir}/rows.jsonl holds no rows")
+        raise SystemExit(f"parity: {path} holds no rows")
     runs = {}
     for r in rows:
-        runs.setdefault((r["method"], r["trainer"], r["views"], r["seed"]), []).append(r)
+        runs.setdefault((variant(r["method"], r.get("recipe_set", []), r.get("ours_set", [])), r["trainer"], r["views"],
+                         r["seed"]), []).append(r)
     lines = ["| method | trainer | views | seed | steps | train s | same init | kNN at 0 | kNN | probe at 0 | probe "
              "| kNN gain | probe gain |", "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     finals, longest = {}, max(r["step"] for r in rows)
@@ -387,6 +415,21 @@ def main(argv=None):
     for run in args.runs:
         if run.count(":") != 1 or any(s not in ("ours", "ref") for s in run.split(":")):
             raise SystemExit(f"parity: --runs {run}: expected trainer:views with each of ours/ref")
+    rows_path = os.path.join(args.out, "rows.jsonl")
+    done = set()
+    if os.path.isfile(rows_path):
+        for line in open(rows_path):
+            try:
+                r = json.loads(line)
+                done.add((variant(r["method"], r.get("recipe_set", []), r.get("ours_set", [])),
+                          f"{r['trainer']}:{r['views']}", r["seed"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    name = variant(args.method, args.set, args.ours)
+    again = [f"{run} seed {seed}" for seed in args.seeds for run in args.runs if (name, run, seed) in done]
+    if again:
+        raise SystemExit(f"parity: {rows_path} already holds {', '.join(again)}; give another --out (or move that "
+                         f"file aside) so two runs' rows never mix")
     for seed in args.seeds:  # seeds outermost: a cut-short session still has both sides of the first seed
         for run in args.runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", run, "--method", args.method, "--seeds",
