@@ -32,23 +32,23 @@ sys.path.insert(0, ROOT)
 # The shared recipe per method: one value per knob, written into both sides (ours through config keys, the
 # reference through lightly's arguments). Loss scales differ between the two codes; `ref_lr` is the lr the
 # reference's loss needs and `ours_lr_scale` the factor that makes our update equal (see each recipe's note).
+COMMON = dict(res=32, batch=256, c_min=0.08, blur=(0.0, 0.0), proj_hidden=1024, proj_dim=128, pred_hidden=1024,
+              ref_lr=0.06, tau=0.99, weight_decay=0.0, temperature=0.1)  # lightly's examples at 32 px, no blur
 RECIPES = {
     "byol": dict(
+        COMMON,
         note="BYOL as lightly's example: heads 1024/128, SGD momentum 0.9 at a constant lr 0.06 (lightly's loss "
              "0.5 (-cos - cos)), no weight decay, constant EMA 0.99, crop scale 0.08-1, BYOL's jitter, grey, "
              "solarize 0/0.2, no blur. Our loss (2 - 2cos summed over both pairs) has 4x lightly's gradient, so "
              "our lr is 0.06 / 4.",
-        res=32, batch=256, c_min=0.08, jitter=(0.4, 0.4, 0.2, 0.1), blur=(0.0, 0.0), solarize=(0.0, 0.2),
-        proj_hidden=1024, proj_dim=128,
-        pred_hidden=1024, ref_lr=0.06, ours_lr_scale=0.25, tau=0.99, weight_decay=0.0, temperature=0.1),
+        jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.0, 0.2), ours_lr_scale=0.25),
     "simclr": dict(
+        COMMON,
         note="SimCLR as lightly's example: head 1024/128, NT-Xent at T 0.1 over 2B views, SGD momentum 0.9 at a "
              "constant lr 0.06, no weight decay, crop scale 0.08-1, jitter, grey, no blur, no solarize. Our loss "
              "equals lightly's NTXentLoss, so the lrs are equal. lightly's SimCLRProjectionHead ends in a "
              "BatchNorm, ours (SimCLR v1's) does not: a head difference the comparison keeps.",
-        res=32, batch=256, c_min=0.08, jitter=(0.8, 0.8, 0.8, 0.2), blur=(0.0, 0.0), solarize=(0.0, 0.0),
-        proj_hidden=1024, proj_dim=128,
-        pred_hidden=1024, ref_lr=0.06, ours_lr_scale=1.0, tau=0.99, weight_decay=0.0, temperature=0.1,
+        jitter=(0.8, 0.8, 0.8, 0.2), solarize=(0.0, 0.0), ours_lr_scale=1.0,
         ref_last_bn=1),  # 0: lightly's trainer with our head (no BatchNorm on the output), a swap run
 }
 
@@ -412,6 +412,7 @@ def main(argv=None):
         import lightly  # noqa: F401
     except ImportError:
         raise SystemExit("parity: lightly is not installed; run `make parity-setup` first") from None
+    recipe_of(args.method, args.set)  # a bad --set is refused here, before any run starts
     for run in args.runs:
         if run.count(":") != 1 or any(s not in ("ours", "ref") for s in run.split(":")):
             raise SystemExit(f"parity: --runs {run}: expected trainer:views with each of ours/ref")
@@ -444,4 +445,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # our refusals carry their one line: print it, exit 2 (no traceback)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
