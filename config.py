@@ -265,6 +265,15 @@ def _declare(cfg):
                           "ResNet); the global branch always pools the last stage", default="last"),
         proj_hidden=Param(StrictInt(1), "projector hidden width", default=512),
         proj_dim=Param(StrictInt(1), "embedding dim (global and local)", default=128),
+        proj_out_bn=Param(Choice("auto", "none", "affine", "fixed"), "BatchNorm on the projector's output (global "
+                          "and local heads; the last Linear then has no bias). auto: the family's own (MoCo v3: "
+                          "fixed, every other: none); affine: with scale and shift (SimCLR v2's head, lightly's "
+                          "SimCLRProjectionHead); fixed: without (MoCo v3's). BYOL, SimCLR and MoCo v3 families only",
+                          default="auto"),
+        pred_out_bn=Param(Choice("auto", "none", "affine", "fixed"), "BatchNorm on the predictor's output (BYOL and "
+                          "MoCo v3 families, global and local). auto: none, as BYOL and MoCo v3's ResNet code "
+                          "(before 0.7.0 MoCo v3's predictor ended in a fixed one: a checkpoint of that version "
+                          "resumes with it)", default="auto"),
         pred_hidden=Param(StrictInt(1), "predictor hidden width (BYOL family)", default=512),
         local_hidden=Param(StrictInt(1), "local head hidden width (1x1 convs)", default=256),
         temperature=Param(StrictFloat(1e-4), "NT-Xent / local InfoNCE temperature (SimCLR and MoCo v3 families)",

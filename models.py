@@ -65,24 +65,37 @@ class DINOHead(nn.Module):
         return self.prototypes(F.normalize(self.mlp(x), dim=1))
 
 
+OUT_BN = ("none", "affine", "fixed")  # a head's output BatchNorm: none, with scale and shift, without
+
+
 def mlp(dim_in, hidden, dim_out, last_bn=False):
-    """BYOL's head: Linear -> BN -> ReLU -> Linear. last_bn (MoCo v3's heads): both Linears without bias and a
-    BatchNorm without affine parameters on the output."""
+    """BYOL's head: Linear -> BN -> ReLU -> Linear. last_bn (MoCo v3's heads): the last Linear without bias and a
+    BatchNorm on the output, without affine parameters (True or "fixed") or with them ("affine": SimCLR v2's
+    head, lightly's SimCLRProjectionHead)."""
+    out_bn = _out_bn(last_bn)
     layers = [nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-              nn.Linear(hidden, dim_out, bias=not last_bn)]
-    return nn.Sequential(*layers, *([nn.BatchNorm1d(dim_out, affine=False)] if last_bn else []))
+              nn.Linear(hidden, dim_out, bias=out_bn == "none")]
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(dim_out, affine=out_bn == "affine")] if out_bn != "none" else []))
 
 
 def local_mlp(dim_in, hidden, dim_out, last_bn=False):
     """The same head as 1x1 convolutions: applied at every location of a feature map."""
+    out_bn = _out_bn(last_bn)
     layers = [nn.Conv2d(dim_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-              nn.Conv2d(hidden, dim_out, 1, bias=not last_bn)]
-    return nn.Sequential(*layers, *([nn.BatchNorm2d(dim_out, affine=False)] if last_bn else []))
+              nn.Conv2d(hidden, dim_out, 1, bias=out_bn == "none")]
+    return nn.Sequential(*layers, *([nn.BatchNorm2d(dim_out, affine=out_bn == "affine")] if out_bn != "none" else []))
+
+
+def _out_bn(last_bn):
+    out_bn = {False: "none", True: "fixed"}.get(last_bn, last_bn)
+    if out_bn not in OUT_BN:
+        raise ValueError(f"a head's output BatchNorm is one of {', '.join(OUT_BN)}, got {last_bn!r}")
+    return out_bn
 
 
 class SSLNet(nn.Module):
     def __init__(self, backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden, local_grid=0,
-                 local_layer="last", dino_out_dim=4096):
+                 local_layer="last", dino_out_dim=4096, proj_out_bn="auto", pred_out_bn="auto"):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
@@ -94,17 +107,21 @@ class SSLNet(nn.Module):
         self.map_stage = backbone.num_stages - 1 if local_layer == "previous" else None
         self.backbone = backbone
         C = backbone.num_features
-        moco = method in MOCO_V3_FAMILY  # MoCo v3's heads end in a BatchNorm without affine parameters
+        moco = method in MOCO_V3_FAMILY  # MoCo v3's projector ends in a BatchNorm without affine parameters
         dino = method in DINO_FAMILY     # DINO: the head ends in out_dim prototypes (z: logits)
+        if proj_out_bn != "auto" and (dino or method in MOCO_V2):
+            raise ValueError(f"proj_out_bn={proj_out_bn!r}: {method}'s head has its own form; leave it 'auto'")
+        out_bn = ("fixed" if moco else "none") if proj_out_bn == "auto" else proj_out_bn
         self.projector = DINOHead(C, proj_hidden, proj_dim, dino_out_dim) if dino else \
-            moco_v2_head(C, proj_hidden, proj_dim) if method in MOCO_V2 else mlp(C, proj_hidden, proj_dim, last_bn=moco)
-        self.predictor = mlp(proj_dim, pred_hidden, proj_dim, last_bn=moco) if method in MOMENTUM_FAMILY else None
+            moco_v2_head(C, proj_hidden, proj_dim) if method in MOCO_V2 else mlp(C, proj_hidden, proj_dim, out_bn)
+        pred_bn = "none" if pred_out_bn == "auto" else pred_out_bn  # MoCo v3's ResNet predictor: no output BN
+        self.predictor = mlp(proj_dim, pred_hidden, proj_dim, pred_bn) if method in MOMENTUM_FAMILY else None
         self.has_local = method.startswith("co_")
         if self.has_local:
             C_local = backbone.stage_channels(self.map_stage) if self.map_stage else C
             self.local_projector = DINOHead(C_local, local_hidden, proj_dim, dino_out_dim, local=True) if dino \
-                else local_mlp(C_local, local_hidden, proj_dim, last_bn=moco)
-            self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim, last_bn=moco) \
+                else local_mlp(C_local, local_hidden, proj_dim, out_bn)
+            self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim, pred_bn) \
                 if method in MOMENTUM_FAMILY else None
 
     def forward(self, x, local=True):

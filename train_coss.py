@@ -244,7 +244,8 @@ def build_model(cfg, num_classes, device):
         load_init(backbone, cfg["model.init"])
     online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
                     cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"],
-                    cfg["method.local_layer"], cfg["method.dino_out_dim"])
+                    cfg["method.local_layer"], cfg["method.dino_out_dim"], cfg["method.proj_out_bn"],
+                    cfg["method.pred_out_bn"])
     target = TargetNet(online) if cfg["method.name"] in TARGET_FAMILY else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
@@ -975,6 +976,11 @@ def check_options(cfg, num_train, world):
     name = cfg["method.name"]
     if cfg["method.logo"] and name not in ("byol", "simclr", "moco_v2"):
         raise TrainingError(f"method.logo=1 needs method.name byol, simclr or moco_v2 (LoGo's bases), got {name}")
+    if cfg["method.proj_out_bn"] != "auto" and (name in ("dino", "co_dino", "moco_v2")):
+        raise TrainingError(f"method.proj_out_bn={cfg['method.proj_out_bn']}: {name}'s head has its own form; "
+                            "leave it auto")
+    if cfg["method.pred_out_bn"] != "auto" and name not in ("byol", "co_byol", "moco_v3", "co_moco_v3"):
+        raise TrainingError(f"method.pred_out_bn={cfg['method.pred_out_bn']}: {name} has no predictor; leave it auto")
     if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
         raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
     if cfg["augment.local_cmin"] > cfg["augment.local_cmax"]:
@@ -994,9 +1000,14 @@ def resume_state(cfg, ckpt_path):
     """The checkpoint to continue from: complete, finite, and written with this run's model and method settings."""
     ck = read_checkpoint(ckpt_path)
     now = as_dict(cfg)
-    differ = [f"{section}.{k}: {ck['config'].get(section, {}).get(k)!r} in the checkpoint, {v!r} now"
-              for section in ("model", "method") for k, v in now[section].items()
-              if ck["config"].get(section, {}).get(k) != v]
+    # a key the checkpoint's version did not have yet reads as its default (which is that version's behaviour)
+    defaults = {".".join(key): param.default for key, param in cfg.entries.items()}
+    if ck["config"].get("method", {}).get("name") in ("moco_v3", "co_moco_v3"):
+        defaults["method.pred_out_bn"] = "fixed"  # before 0.7.0 MoCo v3's predictor ended in a fixed BatchNorm
+    then = {(section, k): ck["config"].get(section, {}).get(k, defaults[f"{section}.{k}"])
+            for section in ("model", "method") for k in now[section]}
+    differ = [f"{section}.{k}: {then[section, k]!r} in the checkpoint, {v!r} now"
+              for section in ("model", "method") for k, v in now[section].items() if then[section, k] != v]
     if differ:
         raise TrainingError(f"{ckpt_path} was written with other settings ({'; '.join(differ[:4])}"
                             f"{'; ...' if len(differ) > 4 else ''}); refusing to resume")

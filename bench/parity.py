@@ -50,6 +50,26 @@ RECIPES = {
              "BatchNorm, ours (SimCLR v1's) does not: a head difference the comparison keeps.",
         jitter=(0.8, 0.8, 0.8, 0.2), solarize=(0.0, 0.0), ours_lr_scale=1.0,
         ref_last_bn=1),  # 0: lightly's trainer with our head (no BatchNorm on the output), a swap run
+    "moco_v3": dict(
+        COMMON,
+        note="MoCo v3 (ResNet) as its public code builds it, from lightly's blocks: projector Linear, BN, ReLU, "
+             "Linear, BN without affine (lightly's ProjectionHead), predictor BYOLPredictionHead (no output BN, as "
+             "the ResNet code), momentum encoder by lightly's update_momentum at a constant 0.99; the loss is the "
+             "paper's Algorithm 1, ctr(q1, k2) + ctr(q2, k1) with ctr = 2T x cross-entropy of q k^T / T, at T 0.2 "
+             "(lightly has no MoCo v3 loss). Views: lightly's BYOLTransform (MoCo v3 uses BYOL's augmentations), "
+             "no blur. SGD momentum 0.9 at a constant lr 0.06, no weight decay. Our loss is the same sum, lr x1.",
+        jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.0, 0.2), ours_lr_scale=1.0, temperature=0.2),
+    "dino": dict(
+        COMMON,
+        note="DINO as lightly's example: DINOProjectionHead (hidden 1024, bottleneck 128, 4096 prototypes, "
+             "GELU, no BN, weight-normalised last layer), DINOLoss (student T 0.1, teacher T 0.04 without warm-up, "
+             "centre momentum 0.9) over the 2 global views, teacher = a copy of the student (DINO's code; "
+             "lightly's example builds a fresh head) moved by update_momentum at a constant 0.99, last layer never "
+             "frozen (300 steps are ~1 epoch: DINO's one frozen epoch would be the whole run). Views: lightly's "
+             "BYOLTransform (DINO's global crops are BYOL's augmentations), no blur. SGD momentum 0.9 at a "
+             "constant lr 0.06, no weight decay. Our loss is the same mean over the two pairs, lr x1.",
+        jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.0, 0.2), ours_lr_scale=1.0, dino_out_dim=4096,
+        student_temp=0.1, teacher_temp=0.04, center_momentum=0.9),
 }
 
 
@@ -79,18 +99,26 @@ def our_config(method, recipe, seed, extra=()):
         f"--method.temperature={recipe['temperature']}", f"--optim.lr={lr_per_256}", "--optim.lr_schedule=constant",
         "--optim.warmup_epochs=0", f"--optim.weight_decay={recipe['weight_decay']}", f"--optim.tau={recipe['tau']}",
         "--optim.tau_schedule=constant", "--optim.momentum=0.9", "--optim.lars_eta=0", f"--training.seed={seed}",
-        "--eval.bank_images=10000", "--eval.val_images=0", *extra]
+        "--eval.bank_images=10000", "--eval.val_images=0",
+        *([f"--method.dino_out_dim={recipe['dino_out_dim']}", f"--method.dino_student_temp={recipe['student_temp']}",
+           f"--method.dino_teacher_temp={recipe['teacher_temp']}",
+           f"--method.dino_warmup_teacher_temp={recipe['teacher_temp']}", "--method.dino_warmup_teacher_temp_epochs=0",
+           f"--method.dino_center_momentum={recipe['center_momentum']}", "--method.dino_freeze_last_layer=0"]
+          if method == "dino" else []), *extra]
     return load_config(os.path.join(ROOT, "configs", "fmnist.yaml"), overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference: lightly's modules and loss, written as lightly's BYOL / SimCLR examples write them.
+# The reference: lightly's modules and loss, written as lightly's examples write them (MoCo v3: lightly's blocks and
+# the paper's Algorithm 1, since lightly has no MoCo v3 loss).
 
 def reference_model(method, backbone, dim, recipe):
     import torch.nn as nn
-    from lightly.loss import NegativeCosineSimilarity, NTXentLoss
-    from lightly.models.modules.heads import (BYOLPredictionHead, BYOLProjectionHead, ProjectionHead,
-                                              SimCLRProjectionHead)
+    import torch
+    import torch.nn.functional as F
+    from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss
+    from lightly.models.modules.heads import (BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead,
+                                              ProjectionHead, SimCLRProjectionHead)
     from lightly.models.utils import deactivate_requires_grad, update_momentum
 
     class Features(nn.Module):  # our backbones return (map, pooled); lightly's examples take the pooled vector
@@ -129,6 +157,61 @@ def reference_model(method, backbone, dim, recipe):
                 return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
         return BYOL()
 
+    if method == "moco_v3":
+        def ctr(q, k):  # MoCo v3, Algorithm 1: 2T x cross-entropy of the unit queries against the unit keys
+            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+            logits = q @ k.T / recipe["temperature"]
+            return 2 * recipe["temperature"] * F.cross_entropy(logits, torch.arange(len(q)))
+
+        class MoCoV3(nn.Module):
+            def __init__(self):
+                super().__init__()
+                hidden, out = recipe["proj_hidden"], recipe["proj_dim"]
+                self.backbone = Features(backbone)
+                self.projection_head = ProjectionHead([(dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU()),
+                                                       (hidden, out, nn.BatchNorm1d(out, affine=False), None)])
+                self.prediction_head = BYOLPredictionHead(out, recipe["pred_hidden"], out)
+                self.backbone_momentum = copy.deepcopy(self.backbone)
+                self.projection_head_momentum = copy.deepcopy(self.projection_head)
+                deactivate_requires_grad(self.backbone_momentum)
+                deactivate_requires_grad(self.projection_head_momentum)
+
+            def training_loss(self, x0, x1, step):
+                update_momentum(self.backbone, self.backbone_momentum, m=recipe["tau"])
+                update_momentum(self.projection_head, self.projection_head_momentum, m=recipe["tau"])
+                q0, q1 = (self.prediction_head(self.projection_head(self.backbone(x))) for x in (x0, x1))
+                with torch.no_grad():
+                    k0, k1 = (self.projection_head_momentum(self.backbone_momentum(x)) for x in (x0, x1))
+                return ctr(q0, k1) + ctr(q1, k0)
+        return MoCoV3()
+
+    if method == "dino":
+        class DINO(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone = Features(backbone)
+                def head():
+                    return DINOProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"], recipe["dino_out_dim"],
+                                              batch_norm=False, norm_last_layer=True)
+                self.head, self.teacher_head = head(), head()  # weight_norm modules cannot be deep-copied
+                self.teacher_head.load_state_dict(self.head.state_dict())  # the teacher starts as the student
+                self.teacher_backbone = copy.deepcopy(self.backbone)
+                deactivate_requires_grad(self.teacher_backbone)
+                deactivate_requires_grad(self.teacher_head)
+                self.criterion = DINOLoss(output_dim=recipe["dino_out_dim"], warmup_teacher_temp=recipe["teacher_temp"],
+                                          teacher_temp=recipe["teacher_temp"], warmup_teacher_temp_epochs=0,
+                                          student_temp=recipe["student_temp"],
+                                          center_momentum=recipe["center_momentum"])
+
+            def training_loss(self, x0, x1, step):
+                update_momentum(self.backbone, self.teacher_backbone, m=recipe["tau"])
+                update_momentum(self.head, self.teacher_head, m=recipe["tau"])
+                with torch.no_grad():
+                    teacher = [self.teacher_head(self.teacher_backbone(x)) for x in (x0, x1)]
+                student = [self.head(self.backbone(x)) for x in (x0, x1)]
+                return self.criterion(teacher, student, teacher_temp=recipe["teacher_temp"])
+        return DINO()
+
     class SimCLR(nn.Module):
         def __init__(self):
             super().__init__()
@@ -150,7 +233,7 @@ def reference_transform(method, recipe):
     from lightly.transforms import (BYOLTransform, BYOLView1Transform, BYOLView2Transform, SimCLRTransform)
     b, c, s, h = recipe["jitter"]
     jitter = dict(cj_bright=b, cj_contrast=c, cj_sat=s, cj_hue=h)
-    if method == "byol":
+    if method in ("byol", "moco_v3", "dino"):  # MoCo v3's and DINO's (global) views are BYOL's augmentations
         common = dict(input_size=recipe["res"], min_scale=recipe["c_min"], **jitter)
         return BYOLTransform(
             BYOLView1Transform(gaussian_blur=recipe["blur"][0], solarization_prob=recipe["solarize"][0], **common),
@@ -286,7 +369,7 @@ def one_run(args):
                 fmt = torch.channels_last if cfg["training.channels_last"] else torch.contiguous_format
                 terms, _, _ = run.step(Prepared(step, (x0.contiguous(memory_format=fmt),
                                                        x1.contiguous(memory_format=fmt)), None, y.view(-1).long()))
-            last_loss = float(terms["loss"])
+            last_loss = float(terms["loss"].detach())
         else:
             x0, x1, _ = batch
             model.train()
@@ -436,7 +519,7 @@ def main(argv=None):
             cmd = [sys.executable, os.path.abspath(__file__), "--one", run, "--method", args.method, "--seeds",
                    str(seed), "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--out", args.out,
                    "--workers", str(args.workers), *sum((["--set", s] for s in args.set), []),
-                   *sum((["--ours", s] for s in args.ours), [])]
+                   *(f"--ours={s}" for s in args.ours)]
             t = time.perf_counter()
             if subprocess.run(cmd, cwd=ROOT).returncode:
                 raise SystemExit(f"parity: the run {run} seed {seed} failed")

@@ -224,6 +224,22 @@ def test_resuming_with_other_model_settings_names_the_differing_keys(betons, tra
     assert "model.width: 4 in the checkpoint, 8 now" in line and "method.proj_dim: 16 in the checkpoint, 8 now" in line
 
 
+def test_a_checkpoint_without_a_newer_key_resumes_with_that_version_behaviour(tmp_path, monkeypatch):
+    """Keys added since a checkpoint was written read as what that version did: MoCo v3's predictor ended in a
+    fixed BatchNorm before 0.7.0, so such a checkpoint resumes with method.pred_out_bn=fixed and is refused (one
+    line naming the key) with the new default."""
+    from config import as_dict
+    for method, ok, refused in (("moco_v3", ["--method.pred_out_bn=fixed"], []), ("byol", [], None)):
+        old = as_dict(load_config(None, TINY + [f"--method.name={method}"]))
+        del old["method"]["pred_out_bn"], old["method"]["proj_out_bn"]
+        monkeypatch.setattr(train_coss, "read_checkpoint", lambda path: {"config": old})
+        train_coss.resume_state(load_config(None, TINY + [f"--method.name={method}", *ok]), "ck.pt")
+        if refused is not None:
+            with pytest.raises(train_coss.TrainingError, match="method.pred_out_bn: 'fixed' in the checkpoint, "
+                                                               "'auto' now"):
+                train_coss.resume_state(load_config(None, TINY + [f"--method.name={method}", *refused]), "ck.pt")
+
+
 @pytest.mark.parametrize("content,message", [
     (b"optim:\n  lr: 0.1\n  batch_size: \xff\xfe\n", "is not UTF-8 text (byte 0xff"),
     (bytes(range(256)) * 4, "is a binary file, not YAML text"),

@@ -84,3 +84,51 @@ def test_simclr_lr_scale_makes_the_updates_equal():
     scale = parity.recipe_of("simclr", [])["ours_lr_scale"]
     for a, b in zip(ours, ref):
         torch.testing.assert_close(scale * a, b)
+
+
+def test_moco_v3_lr_scale_makes_the_updates_equal():
+    """MoCo v3's Algorithm 1 written out: ctr(q, k) = 2T x cross-entropy of unit q against unit k (positive: the
+    same row), loss ctr(q1, k2) + ctr(q2, k1)."""
+    from losses import multicrop_moco_v3
+    g = torch.Generator().manual_seed(2)
+    q0, q1, k0, k1 = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    T = parity.recipe_of("moco_v3", [])["temperature"]
+
+    def ctr(q, k):
+        logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / T
+        return 2 * T * F.cross_entropy(logits, torch.arange(5))
+    ours = _grads(lambda a, b: multicrop_moco_v3([a, b], [k0, k1], T), q0, q1)
+    ref = _grads(lambda a, b: ctr(a, k1) + ctr(b, k0), q0, q1)
+    scale = parity.recipe_of("moco_v3", [])["ours_lr_scale"]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(scale * a, b)
+
+
+def test_dino_lr_scale_makes_the_updates_equal():
+    """lightly's DINOLoss with two global views: the mean over the 2 pairs (teacher view != student view) of the
+    cross-entropy of softmax((t - c) / T_t) against log_softmax(s / T_s), mean over images."""
+    from losses import dino_loss
+    r = parity.recipe_of("dino", [])
+    g = torch.Generator().manual_seed(3)
+    s0, s1, t0, t1 = (torch.randn(6, 9, generator=g, dtype=torch.float64) for _ in range(4))
+    c = torch.randn(1, 9, generator=g, dtype=torch.float64)
+
+    def lightly(a, b):
+        targets = [F.softmax((t - c) / r["teacher_temp"], dim=-1) for t in (t0, t1)]
+        logp = [F.log_softmax(s / r["student_temp"], dim=-1) for s in (a, b)]
+        return (-(targets[0] * logp[1]).sum(-1).mean() - (targets[1] * logp[0]).sum(-1).mean()) / 2
+    ours = _grads(lambda a, b: dino_loss([a, b], [t0, t1], c, r["student_temp"], r["teacher_temp"]), s0, s1)
+    ref = _grads(lightly, s0, s1)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(r["ours_lr_scale"] * a, b)
+
+
+def test_moco_v3_and_dino_recipes_reach_our_config():
+    cfg = parity.our_config("moco_v3", parity.recipe_of("moco_v3", []), 0)
+    assert (cfg["method.name"], cfg["method.temperature"], cfg["optim.lr"]) == ("moco_v3", 0.2, pytest.approx(0.06))
+    assert (cfg["method.proj_out_bn"], cfg["method.pred_out_bn"]) == ("auto", "auto")  # as MoCo v3's ResNet code
+    cfg = parity.our_config("dino", parity.recipe_of("dino", []), 0)
+    assert (cfg["method.dino_out_dim"], cfg["method.dino_student_temp"], cfg["method.dino_teacher_temp"],
+            cfg["method.dino_warmup_teacher_temp"], cfg["method.dino_center_momentum"],
+            cfg["method.dino_freeze_last_layer"]) == (4096, 0.1, 0.04, 0.04, 0.9, 0)
+    assert (cfg["optim.tau"], cfg["optim.tau_schedule"]) == (0.99, "constant")

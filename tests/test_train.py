@@ -208,6 +208,8 @@ def _cli(*args):
     (["--augment.local_cmin=0.3", "--augment.local_cmax=0.2"], "is above augment.local_cmax"),
     (["--method.name=byol", "--method.logo=1", "--augment.local_views=4"], "makes its own 2 global + 2 local views"),
     (["--method.name=mocov9"], "bad value for 'method.name'"),
+    (["--method.name=dino", "--method.proj_out_bn=affine"], "dino's head has its own form"),
+    (["--method.name=simclr", "--method.pred_out_bn=fixed"], "simclr has no predictor"),
     (["--optim.batch_sise=8"], "unknown command line key 'optim.batch_sise'"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(betons, tmp_path, extra, message):
