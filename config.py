@@ -344,6 +344,12 @@ def _declare(cfg):
         optimizer=Param(Choice("lars", "adamw"), "lars: LARS / SGD with momentum (see lars_eta); adamw: AdamW, "
                         "same groups (no decay on biases and norms), betas (momentum, 0.999)", default="lars"),
         lars_eta=Param(StrictFloat(0.0), "LARS trust coefficient (0 = SGD with momentum)", default=0.0),
+        lars_form=Param(Choice("byol", "solo"), "LARS trust ratio of a weight w with gradient g: byol (BYOL's and "
+                        "MoCo v3's code): eta ||w|| / ||g + wd w||; solo (solo-learn's lars.py): eta ||w|| / "
+                        "(||g|| + wd ||w|| + 1e-8). Both leave biases and norms alone (no decay, no ratio)",
+                        default="byol"),
+        lars_clip=Param(StrictBool(), "solo-learn's clip_lr: the ratio becomes min(ratio / lr, 1), so a layer's "
+                        "step is at most min(ratio, lr) x its update (about eta ||w||)", default=False),
         tau=Param(StrictFloat(0.0, 1.0), "EMA tau (momentum) of the target at step 0 (BYOL, MoCo, DINO)",
                   default=0.99),
         tau_schedule=Param(Choice("cosine", "constant"), "cosine: tau rises to 1 over the run (BYOL, MoCo v3, "
@@ -356,6 +362,12 @@ def _declare(cfg):
         seed=Param(StrictInt(0), "seed of weights, loader order, augmentations and the train_images subset",
                    default=0),
         device=Param(Choice("auto", "cpu", "cuda"), "auto = CUDA when visible, else the CPU", default="auto"),
+        sync_bn=Param(StrictBool(), "SyncBatchNorm: every BatchNorm of the online and target networks normalises "
+                      "over the batch of all processes (solo-learn, MoCo v3 and DINO for ResNets). CUDA only: torch "
+                      "cannot sync BatchNorm on the CPU (gloo), where a warning says each process keeps its own",
+                      default=False),
+        written_for=Param(StrictInt(0), "processes (GPUs) the config's batch and lr were written for; the start "
+                          "line says what another count changes (0 = not stated)", default=0),
         compile=Param(StrictBool(), "torch.compile the forward and the loss as one graph: online and target networks, "
                       "the method's losses, and their backward", default=False),
         compile_mode=Param(Choice("default", "reduce-overhead", "max-autotune-no-cudagraphs"),

@@ -249,6 +249,9 @@ def build_model(cfg, num_classes, device):
     target = TargetNet(online) if cfg["method.name"] in TARGET_FAMILY else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
+    if cfg["training.sync_bn"] and device.type == "cuda":  # as the references: the online and target networks
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target) if target is not None else None
     fmt = memory_format(cfg["training.channels_last"])
     mods = [m for m in (online, target, probe, affinity) if m is not None]
     for m in mods:
@@ -295,13 +298,28 @@ def param_groups(model, weight_decay, predictor_lr_mult=1.0):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratio eta * ||w|| / ||g + wd w|| (You et al. 2017; BYOL's variant:
-    groups with lars=False get neither weight decay nor adaptation). One group's update is a handful of
-    torch._foreach_* calls (a few kernel launches per group, not per parameter); tests check it against the
-    per-parameter formula."""
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017) on the groups with lars=True (conv and linear
+    weights); the others (biases, norms) get neither weight decay nor the ratio, as BYOL's, MoCo v3's and
+    solo-learn's (exclude_bias_n_norm) LARS. With u = g + wd w:
+      form 'byol' (BYOL's and MoCo v3's code):  ratio = eta ||w|| / ||u||                    (1 if a norm is 0)
+      form 'solo' (solo-learn's lars.py):       ratio = eta ||w|| / (||g|| + wd ||w|| + eps)  (1 and u = g if ||w||
+                                                or ||g|| is 0)
+      clip (solo-learn's clip_lr):              ratio = min(ratio / lr, 1)
+    then buf = momentum buf + ratio u and w -= lr buf. One group's update is a handful of torch._foreach_* calls
+    (a few kernel launches per group, not per parameter); tests check each form against its formula written out."""
 
-    def __init__(self, params, lr, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, eta=eta, weight_decay=0.0, lars=True))
+    def __init__(self, params, lr, momentum=0.9, eta=0.001, form="byol", clip=False, eps=1e-8):
+        if form not in ("byol", "solo"):
+            raise ValueError(f"LARS form is 'byol' or 'solo', got {form!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, eta=eta, weight_decay=0.0, lars=True, form=form,
+                                      clip=clip, eps=eps))
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint of a version before 0.7.0 ran BYOL's form, unclipped
+            group.setdefault("form", "byol")
+            group.setdefault("clip", False)
+            group.setdefault("eps", 1e-8)
 
     @torch.no_grad()
     def step(self):
@@ -309,17 +327,28 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                update = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            else:
-                update = torch._foreach_mul(grads, 1.0)
-            if group["lars"] and group["eta"] > 0:
+            grads, wd = [p.grad for p in params], group["weight_decay"]
+            adapt = group["lars"] and group["eta"] > 0
+            if adapt and group["form"] == "solo":
                 w_norm = torch.stack(torch._foreach_norm(params))
-                u_norm = torch.stack(torch._foreach_norm(update))
-                trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                both = (w_norm > 0) & (g_norm > 0)
+                ratio = torch.where(both, group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"]),
                                     torch.ones_like(w_norm))
-                torch._foreach_mul_(update, list(trust.to(update[0].dtype).unbind()))
+                decay = list((both.to(params[0].dtype) * wd).unbind())  # no decay where a norm is 0
+                update = torch._foreach_add(grads, torch._foreach_mul(params, decay)) if wd else \
+                    torch._foreach_mul(grads, 1.0)
+            else:
+                update = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
+                if adapt:
+                    w_norm = torch.stack(torch._foreach_norm(params))
+                    u_norm = torch.stack(torch._foreach_norm(update))
+                    both = (w_norm > 0) & (u_norm > 0)
+                    ratio = torch.where(both, group["eta"] * w_norm / u_norm, torch.ones_like(w_norm))
+            if adapt:
+                if group["clip"]:
+                    ratio = torch.where(both, torch.clamp(ratio / group["lr"], max=1.0), ratio)
+                torch._foreach_mul_(update, list(ratio.to(update[0].dtype).unbind()))
             bufs = []
             for p in params:
                 state = self.state[p]
@@ -331,12 +360,56 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
+def batchnorm_text(cfg, device, world):
+    """The BatchNorm a run uses, in words (the start line)."""
+    if not cfg["training.sync_bn"]:
+        return "per-process BatchNorm" + (f" (each of {world} processes over its own batch)" if world > 1 else "")
+    if device.type != "cuda":
+        return "per-process BatchNorm (sync_bn needs CUDA)"
+    return f"SyncBatchNorm over {world} process{'es' if world > 1 else ' (nothing to sync)'}"
+
+
+def optimizer_text(cfg):
+    """The optimiser in words (the start line): AdamW, SGD with momentum, or LARS and its form."""
+    if cfg["optim.optimizer"] == "adamw":
+        return f"AdamW (betas {cfg['optim.momentum']:g}, 0.999)"
+    kind = "SGD" if not cfg["optim.lars_eta"] else \
+        f"LARS ({cfg['optim.lars_form']} form, eta {cfg['optim.lars_eta']:g}{', clipped' if cfg['optim.lars_clip'] else ''})"
+    return f"{kind}, momentum {cfg['optim.momentum']:g}, weight decay {cfg['optim.weight_decay']:g}"
+
+
+def scale_lines(cfg, world, device):
+    """What a run will be, said before it starts: the total batch, the peak lr after the linear scaling, the
+    optimiser and the BatchNorm; where the process count differs from the config's training.written_for, what that
+    changes. A list of lines (rank 0 prints them)."""
+    total = cfg["optim.batch_size"] * world
+    peak = cfg["optim.lr"] * total / 256
+    lines = [f"total batch {total} ({cfg['optim.batch_size']} x {world} process{'es' if world > 1 else ''}), "
+             f"peak lr {peak:.4g} (optim.lr {cfg['optim.lr']:g} per 256 x {total} / 256), {optimizer_text(cfg)}, "
+             f"{batchnorm_text(cfg, device, world)}"]
+    meant = cfg["training.written_for"]
+    if meant and meant != world:
+        meant_total = cfg["optim.batch_size"] * meant
+        lines.append(
+            f"note: this config was written for {meant} processes (total batch {meant_total}, peak lr "
+            f"{cfg['optim.lr'] * meant_total / 256:.4g}); with {world} the total batch and peak lr are "
+            f"{total / meant_total:g}x those and an epoch has {meant_total / total:g}x the steps, so the per-step EMA "
+            f"(optim.tau) moves {meant_total / total:g}x as often per epoch and BatchNorm sees other batches; to keep "
+            f"the recipe's total batch, set "
+            f"optim.batch_size={meant_total // world if meant_total % world == 0 else meant_total / world}")
+    if cfg["training.sync_bn"] and device.type != "cuda":
+        lines.append("warning: training.sync_bn=1, but torch cannot sync BatchNorm on the CPU (gloo): each process "
+                     "normalises over its own batch")
+    return lines
+
+
 def build_optimizer(cfg, online, peak_lr):
     """optim.optimizer over param_groups (AdamW ignores the groups' 'lars' flag but keeps their weight decay)."""
     groups = param_groups(online, cfg["optim.weight_decay"], cfg["optim.predictor_lr_mult"])
     if cfg["optim.optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg["optim.momentum"], 0.999), foreach=True)
-    return LARS(groups, lr=peak_lr, momentum=cfg["optim.momentum"], eta=cfg["optim.lars_eta"])
+    return LARS(groups, lr=peak_lr, momentum=cfg["optim.momentum"], eta=cfg["optim.lars_eta"],
+                form=cfg["optim.lars_form"], clip=cfg["optim.lars_clip"])
 
 
 def lr_at(step, total, warmup, peak, schedule="cosine"):
@@ -991,6 +1064,11 @@ def check_options(cfg, num_train, world):
                             "logo_global_cmin, logo_local_cmax); leave augment.global_views=2 and local_views=0")
     if cfg["method.logo_clip"] and world > 1:
         raise TrainingError("method.logo_clip is single-process only for now; use method.logo_lambda under torchrun")
+    keys = cfg["augment.global_views"] * cfg["optim.batch_size"] * world
+    if name == "moco_v2" and cfg["method.queue_size"] < keys:
+        raise TrainingError(f"method.queue_size={cfg['method.queue_size']} is smaller than the {keys} keys one step "
+                            f"enqueues ({cfg['augment.global_views']} views x batch {cfg['optim.batch_size']} x "
+                            f"{world} process(es)); the queue would hold duplicate rows; use at least {keys}")
     if cfg["optim.batch_size"] * world > num_train:
         raise TrainingError(f"batch of {cfg['optim.batch_size']} x {world} process(es) is larger than the "
                             f"{num_train} training images")
@@ -1144,6 +1222,8 @@ def train(cfg, on_step=None, log=print):
             f"({run.total_steps} steps, from step {run.global_step}), batch {cfg['optim.batch_size']}"
             f"{f' x {world} processes' if world > 1 else ''}, {views_text(cfg)}, "
             f"compile {'on' if cfg['training.compile'] else 'off'}")
+        for line in scale_lines(cfg, world, device):
+            log(line)
         if cfg["training.compile"] and not cfg["optim.minutes"]:
             log("compiling the step (the first step waits for it; a minute or more on a CPU) ...")
     if is_main:

@@ -209,6 +209,7 @@ def _cli(*args):
     (["--method.name=byol", "--method.logo=1", "--augment.local_views=4"], "makes its own 2 global + 2 local views"),
     (["--method.name=mocov9"], "bad value for 'method.name'"),
     (["--method.name=dino", "--method.proj_out_bn=affine"], "dino's head has its own form"),
+    (["--method.name=moco_v2", "--method.queue_size=31"], "smaller than the 32 keys one step enqueues"),
     (["--method.name=simclr", "--method.pred_out_bn=fixed"], "simclr has no predictor"),
     (["--optim.batch_sise=8"], "unknown command line key 'optim.batch_sise'"),
 ])
@@ -336,6 +337,52 @@ def test_lars_matches_the_per_parameter_formula_over_steps():
     assert torch.equal(model[1].bias.detach(), torch.zeros(7))  # never had a gradient
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_solo_form_matches_solo_learns_update_written_out(clip):
+    """solo-learn's lars.py, per parameter, written out: for a weight with ||w|| > 0 and ||g|| > 0, r = eta ||w|| /
+    (||g|| + wd ||w|| + eps), with clip_lr r = min(r / lr, 1), d = (g + wd w) r; otherwise d = g (no decay);
+    biases and norms (exclude_bias_n_norm): d = g; then torch's SGD momentum: buf = m buf + d, w -= lr buf. lr 0.3
+    with eta 0.02 makes the clip bind on some layers and not on others."""
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[3].weight.mul_(100)  # a large weight: its ratio / lr is above 1, so the clip binds there
+    groups = param_groups(model, 0.01)
+    opt = LARS(groups, lr=0.3, momentum=0.8, eta=0.02, form="solo", clip=clip)
+    ref = {p: (p.detach().clone(), torch.zeros_like(p)) for p in model.parameters()}
+    decayed = {p for gr in groups if gr["lars"] for p in gr["params"]}
+    bound = []
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        for p, (w, buf) in ref.items():
+            d = p.grad.clone()
+            if p in decayed and w.norm() > 0 and d.norm() > 0:
+                r = 0.02 * w.norm() / (d.norm() + 0.01 * w.norm() + 1e-8)
+                if clip:
+                    bound.append(bool(r / 0.3 > 1))
+                    r = min(r / 0.3, 1.0)
+                d = (d + 0.01 * w) * r
+            buf.mul_(0.8).add_(d)
+            w.sub_(0.3 * buf)
+        opt.step()
+        for p, (w, _) in ref.items():
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
+    assert not clip or (any(bound) and not all(bound))  # the test saw the clip bind and not bind
+
+
+def test_lars_state_of_an_older_version_loads_as_byols_form():
+    model = nn.Linear(3, 2)
+    opt = LARS(param_groups(model, 0.1), lr=0.1, eta=0.01)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["form"], group["clip"], group["eps"]
+    again = LARS(param_groups(model, 0.1), lr=0.1, eta=0.01, form="solo", clip=True)
+    again.load_state_dict(state)
+    assert all((gr["form"], gr["clip"]) == ("byol", False) for gr in again.param_groups)
+
+
 def test_adamw_option_keeps_the_groups():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     cfg = load_config(None, ["--optim.optimizer=adamw", "--optim.weight_decay=0.1", "--optim.momentum=0.8"])
@@ -398,3 +445,28 @@ def test_run_folder_names(tmp_path):
     assert os.path.basename(resumed) == "co_byol_resnet18_w16_cifar_s0_20260102-000000"  # newest of this method
     named = load_config(None, [f"--training.out_dir={tmp_path}", "--training.run_name=mine"])
     assert train_coss.run_folder(named) == os.path.join(str(tmp_path), "mine")
+
+
+def test_start_lines_name_total_batch_peak_lr_optimiser_and_batchnorm():
+    cfg = load_config(os.path.join(REPO, "configs", "in100.yaml"), ["--training.written_for=8", "--training.sync_bn=1"])
+    lines = train_coss.scale_lines(cfg, 2, torch.device("cpu"))
+    b, lr = cfg["optim.batch_size"], cfg["optim.lr"]
+    assert f"total batch {2 * b} ({b} x 2 processes), peak lr {lr * 2 * b / 256:.4g}" in lines[0]
+    assert f"LARS ({cfg['optim.lars_form']} form, eta {cfg['optim.lars_eta']:g}" in lines[0]
+    assert "per-process BatchNorm" in lines[0]
+    assert lines[1].startswith(f"note: this config was written for 8 processes (total batch {8 * b}, ")
+    assert f"set optim.batch_size={4 * b}" in lines[1]
+    assert lines[2].startswith("warning: training.sync_bn=1, but torch cannot sync BatchNorm on the CPU")
+    same = train_coss.scale_lines(load_config(None, ["--training.written_for=1"]), 1, torch.device("cpu"))
+    assert len(same) == 1 and "SGD" in same[0]  # nothing to say: the count it was written for, no sync asked
+
+
+def test_sync_bn_converts_online_and_target_on_cuda_only():
+    cfg = load_config(None, TINY + ["--method.name=byol", "--training.sync_bn=1"])
+    online, target, _, _ = train_coss.build_model(cfg, 10, torch.device("cpu"))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in list(online.modules()) + list(target.modules()))
+    if torch.cuda.is_available():
+        online, target, _, _ = train_coss.build_model(cfg, 10, torch.device("cuda"))
+        for net in (online, target):
+            bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns)
