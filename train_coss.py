@@ -1425,6 +1425,12 @@ def main(argv=None):
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--plot", metavar="RUN_DIR", help="write RUN_DIR/curves.png and exit")
     parser.add_argument("--demo", action="store_true", help="end with the one-line demo summary")
+    parser.add_argument("--dry-run", action="store_true", help="build the run as on --dry-run-processes processes, "
+                        "take 5 CPU steps on synthetic images at the recipe's peak lr, print each parameter group's "
+                        "update-to-weight ratios and the loss; exit 2 where a ratio is far above the references' "
+                        "(dry_run.py)")
+    parser.add_argument("--dry-run-processes", type=int, default=0, metavar="N",
+                        help="processes (GPUs) the dry run assumes (default: training.written_for, else 1)")
     args, overrides = parser.parse_known_args(argv)
     if args.plot:
         print(plot(args.plot))
@@ -1436,8 +1442,17 @@ def main(argv=None):
         if args.print_config:
             print_config(cfg, CONFIG_SECTIONS)
             return 0
+        if args.dry_run:
+            from dry_run import dry_run
+            dry_run(cfg, args.dry_run_processes)
+            return 0
         results = train(cfg)
     except (ConfigError, TrainingError, BetonError) as e:
+        print(f"train_coss.py: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ != "DryRunError":
+            raise
         print(f"train_coss.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

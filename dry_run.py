@@ -1,0 +1,116 @@
+"""A dry run before a GPU-week: `python train_coss.py --config configs/in100.yaml --dry-run [--dry-run-processes N]`.
+
+Builds the run as it would be on N processes (N: the option, else the config's training.written_for, else 1), takes
+a few steps on the CPU on synthetic images at a small resolution and batch, at the recipe's effective peak lr
+(optim.lr x batch_size x N / 256, no warm-up: the lr the run reaches after its warm-up), and prints per parameter
+group the update-to-weight ratio ||w_after - w_before|| / ||w_before|| of each step's layers, the loss trend and
+any non-finite value. It stops with one line (exit 2) where a weight layer's ratio (conv and linear weights: the
+groups LARS adapts) passes RATIO_BOUND. Biases and norms are shown but not bounded: a bias starts at 0, so its
+first updates are large relative to its norm in every reference recipe.
+
+RATIO_BOUND, from the references: the largest per-step move a reference recipe allows a layer is solo-learn's LARS
+with clip_lr at eta 0.02 (its ImageNet-100 recipes): the clipped ratio caps a layer's step at eta ||w|| = 0.02 ||w||
+before momentum. BYOL's own LARS at its recipe moves a layer by lr x eta = 3.2 x 0.001 = 0.0032 ||w||. Momentum 0.9
+adds at most the previous steps' moves (1 + 0.9 + ... < 4.1 over the first 5 steps). 0.1 is five times solo-learn's
+cap: no reference recipe reaches it, while the unclipped LARS of our earlier configs on 8 GPUs (peak lr 8.0, eta
+0.02) moved every layer by 0.16 of its norm at the first step. With plain SGD the ratio is lr ||g|| / ||w||; the
+small synthetic batch makes ||g|| noisier, hence larger, than the real batch's, so the check errs on the safe side.
+"""
+import math
+
+import torch
+
+RATIO_BOUND = 0.1
+GROUP_NAMES = {(True, False): "weights (decay, LARS ratio)", (False, False): "biases and norms",
+               (True, True): "predictor weights", (False, True): "predictor biases and norms"}
+
+
+class DryRunError(Exception):
+    """A dry run found what the recipe would do wrong (one line)."""
+
+
+def small_config(cfg, res, batch):
+    """The config of the dry run: the recipe's keys, on the CPU, uncompiled, at a small resolution and batch."""
+    from config import load_config
+    local_res = max(8, res // 2)
+    overrides = [f"--augment.res={res}", "--augment.res_start=0", f"--optim.batch_size={batch}",
+                 "--training.device=cpu", "--training.compile=0", "--training.prefetch=0", "--data.decode=cpu",
+                 "--training.nan_check_every=1"]
+    if cfg["augment.local_views"]:
+        overrides.append(f"--augment.local_res={local_res}")
+    if cfg["method.logo"]:
+        overrides.append(f"--method.logo_local_res={local_res}")
+    if cfg["method.name"] == "moco_v2":  # the queue must hold at least one step's keys of the small batch
+        overrides.append(f"--method.queue_size={max(cfg['method.queue_size'], 2 * batch)}")
+    return load_config(cfg.source_file, [*(f"--{k}={v}" for k, v in cfg.overrides.items()), *overrides])
+
+
+def dry_run(cfg, processes=0, steps=5, res=64, batch=16, log=print):
+    """The dry run of cfg as on `processes` processes; returns {group: max ratio}. Raises DryRunError."""
+    import train_coss
+    processes = processes or cfg["training.written_for"] or 1
+    total = cfg["optim.batch_size"] * processes
+    peak = cfg["optim.lr"] * total / 256
+    for line in train_coss.scale_lines(cfg, processes, torch.device("cuda" if cfg["training.device"] != "cpu"
+                                                                    else "cpu")):
+        log(f"dry run: {line}")
+    small = small_config(cfg, res, batch)
+    torch.manual_seed(small["training.seed"])
+    run = train_coss.build_run(small, torch.device("cpu"), 1, num_classes=10)
+    run.peak_lr, run.warmup_steps = peak, 0
+    run.set_total_steps(10 ** 9)  # the cosine stays at its peak over the few steps taken
+    plan = train_coss.view_plan(small)
+    log(f"dry run: {steps} steps on the CPU, batch {batch} of synthetic {res} px images, lr {peak:.4g} (the recipe's "
+        f"peak on {processes} process{'es' if processes > 1 else ''}), {small['method.name']}")
+    g = torch.Generator().manual_seed(0)
+    names = {id(p): n for n, p in run.online.named_parameters()}
+    ratios, losses = {}, []
+    for step in range(steps):
+        views = tuple(torch.randn(batch, 3, res, res, generator=g).contiguous(memory_format=torch.channels_last)
+                      for _ in range(plan.n_global))
+        local = tuple(torch.randn(batch, 3, plan.local_res, plan.local_res, generator=g).contiguous(
+            memory_format=torch.channels_last) for _ in range(plan.n_local)) if plan.n_local else None
+        labels = torch.randint(0, 10, (batch,), generator=g)
+        before = {id(p): p.detach().clone() for group in run.opt.param_groups for p in group["params"]}
+        try:
+            terms, _, _ = run.step(train_coss.Prepared(step, views, local, labels))
+        except train_coss.TrainingError as e:
+            raise DryRunError(f"dry run: {e}") from None
+        loss = float(terms["loss"].detach())
+        losses.append(loss)
+        for group in run.opt.param_groups:
+            name = GROUP_NAMES[(group["lars"], _is_pred(group, names))]
+            for p in group["params"]:
+                w = before[id(p)]
+                if not torch.isfinite(p).all():
+                    raise DryRunError(f"dry run: {names.get(id(p), '?')} is not finite after step {step + 1}")
+                norm = float(w.norm())
+                if norm == 0:
+                    continue  # a zero-initialised bias: no ratio to speak of
+                r = float((p.detach() - w).norm()) / norm
+                worst = ratios.setdefault(name, {}).get(step)
+                if worst is None or r > worst[0]:
+                    ratios[name][step] = (r, names.get(id(p), "?"))
+    log(f"dry run: {'parameter group':28s} " + " ".join(f"step {s + 1:<7d}" for s in range(steps)) +
+        "  (largest ||update|| / ||weight|| of a layer)")
+    for name, per_step in ratios.items():
+        log(f"dry run: {name:28s} " + " ".join(f"{per_step[s][0]:<12.4g}" for s in range(steps)))
+    trend = "falling" if losses[-1] < losses[0] else "not falling (few steps on noise: a hint, not a verdict)"
+    log("dry run: loss " + " ".join(f"{v:.4f}" for v in losses) + f" ({trend})")
+    for name, per_step in ratios.items():
+        if "weights" not in name:
+            continue  # biases start at 0 and norms at 1: their ratios are large in every reference, unbounded
+        for s in range(steps):
+            r, layer = per_step[s]
+            if not math.isfinite(r) or r > RATIO_BOUND:
+                raise DryRunError(
+                    f"dry run: at step {s + 1} {layer} moved by {r:.3g} of its norm ({name}; bound {RATIO_BOUND}: "
+                    f"solo-learn's clipped LARS caps a step at 0.02, BYOL's LARS gives 0.0032); lower optim.lr, or "
+                    f"use optim.lars_form=solo with optim.lars_clip=1")
+    log(f"dry run: ok: every weight layer's update below {RATIO_BOUND} of its norm in each of {steps} steps (biases "
+        f"and norms are shown, not bounded: they start at 0 and 1), every value finite")
+    return {name: max(r for r, _ in per_step.values()) for name, per_step in ratios.items()}
+
+
+def _is_pred(group, names):
+    return any(names.get(id(p), "").startswith(("predictor.", "local_predictor.")) for p in group["params"])
