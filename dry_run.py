@@ -17,11 +17,12 @@ cap: no reference recipe reaches it, while the unclipped LARS of our earlier con
 small synthetic batch makes ||g|| noisier, hence larger, than the real batch's, so the check errs on the safe side.
 """
 import math
+import os
 
 import torch
 
 RATIO_BOUND = 0.1
-GROUP_NAMES = {(True, False): "weights (decay, LARS ratio)", (False, False): "biases and norms",
+GROUP_NAMES = {(True, False): "weights (conv, linear)", (False, False): "biases and norms",
                (True, True): "predictor weights", (False, True): "predictor biases and norms"}
 
 
@@ -45,24 +46,39 @@ def small_config(cfg, res, batch):
     return load_config(cfg.source_file, [*(f"--{k}={v}" for k, v in cfg.overrides.items()), *overrides])
 
 
-def dry_run(cfg, processes=0, steps=5, res=64, batch=16, log=print):
-    """The dry run of cfg as on `processes` processes; returns {group: max ratio}. Raises DryRunError."""
+REFERENCE_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "reference_recipes.yaml")
+FACTOR = 3.0  # a weight layer's ratio may reach this multiple of the reference recipe's at the same step
+
+
+def reference_of(cfg):
+    """(recipe name, its optimiser overrides and total batch) from docs/reference_recipes.yaml when the config file
+    is listed there, else None."""
+    import yaml
+    if not cfg.source_file:
+        return None
+    table = yaml.safe_load(open(REFERENCE_TABLE))
+    name = os.path.basename(cfg.source_file)
+    for recipe, entry in table["recipes"].items():
+        if name in entry["configs"]:
+            keys = {k: v for k, (v, _) in entry["keys"].items()}
+            over = {k: keys[k] for k in ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.lars_eta",
+                                         "optim.lars_form", "optim.lars_clip") if k in keys}
+            if keys.get("optimizer") == "sgd":
+                over["optim.lars_eta"] = 0
+            return recipe, over, keys["total_batch"]
+    return None
+
+
+def step_ratios(cfg, peak, steps, res, batch, log):
+    """The few CPU steps at lr `peak`: ({group: [(largest ratio of a layer, its name) per step]}, losses)."""
     import train_coss
-    processes = processes or cfg["training.written_for"] or 1
-    total = cfg["optim.batch_size"] * processes
-    peak = cfg["optim.lr"] * total / 256
-    for line in train_coss.scale_lines(cfg, processes, torch.device("cuda" if cfg["training.device"] != "cpu"
-                                                                    else "cpu")):
-        log(f"dry run: {line}")
     small = small_config(cfg, res, batch)
     torch.manual_seed(small["training.seed"])
     run = train_coss.build_run(small, torch.device("cpu"), 1, num_classes=10)
     run.peak_lr, run.warmup_steps = peak, 0
     run.set_total_steps(10 ** 9)  # the cosine stays at its peak over the few steps taken
     plan = train_coss.view_plan(small)
-    log(f"dry run: {steps} steps on the CPU, batch {batch} of synthetic {res} px images, lr {peak:.4g} (the recipe's "
-        f"peak on {processes} process{'es' if processes > 1 else ''}), {small['method.name']}")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # the same synthetic images for the config and its reference
     names = {id(p): n for n, p in run.online.named_parameters()}
     ratios, losses = {}, []
     for step in range(steps):
@@ -76,40 +92,75 @@ def dry_run(cfg, processes=0, steps=5, res=64, batch=16, log=print):
             terms, _, _ = run.step(train_coss.Prepared(step, views, local, labels))
         except train_coss.TrainingError as e:
             raise DryRunError(f"dry run: {e}") from None
-        loss = float(terms["loss"].detach())
-        losses.append(loss)
+        losses.append(float(terms["loss"].detach()))
         for group in run.opt.param_groups:
             name = GROUP_NAMES[(group["lars"], _is_pred(group, names))]
+            worst = (0.0, "")
             for p in group["params"]:
-                w = before[id(p)]
                 if not torch.isfinite(p).all():
                     raise DryRunError(f"dry run: {names.get(id(p), '?')} is not finite after step {step + 1}")
-                norm = float(w.norm())
-                if norm == 0:
-                    continue  # a zero-initialised bias: no ratio to speak of
-                r = float((p.detach() - w).norm()) / norm
-                worst = ratios.setdefault(name, {}).get(step)
-                if worst is None or r > worst[0]:
-                    ratios[name][step] = (r, names.get(id(p), "?"))
+                norm = float(before[id(p)].norm())
+                if norm > 0:  # a zero-initialised bias has no ratio to speak of
+                    worst = max(worst, (float((p.detach() - before[id(p)]).norm()) / norm, names.get(id(p), "?")))
+            ratios.setdefault(name, []).append(worst)
+    return ratios, losses
+
+
+def dry_run(cfg, processes=0, steps=5, res=64, batch=16, log=print):
+    """The dry run of cfg as on `processes` processes (see the module's docstring); returns {group: (our ratios per
+    step, the reference's or None)}. Raises DryRunError (one line) where a weight layer's ratio is far above the
+    reference recipe's."""
+    import train_coss
+    processes = processes or cfg["training.written_for"] or 1
+    peak = cfg["optim.lr"] * cfg["optim.batch_size"] * processes / 256
+    device = torch.device("cpu" if cfg["training.device"] == "cpu" else "cuda")
+    for line in train_coss.scale_lines(cfg, processes, device):
+        log(f"dry run: {line}")
+    log(f"dry run: {steps} steps on the CPU, batch {batch} of synthetic {res} px images, lr {peak:.4g} (the recipe's "
+        f"peak on {processes} process{'es' if processes > 1 else ''}), {cfg['method.name']}")
+    ours, losses = step_ratios(cfg, peak, steps, res, batch, log)
+    ref = reference_of(cfg)
+    theirs, ref_peak = None, None
+    if ref is not None:
+        recipe, over, total = ref
+        from config import load_config
+        ref_cfg = load_config(cfg.source_file, [*(f"--{k}={v}" for k, v in cfg.overrides.items()),
+                                                *(f"--{k}={v}" for k, v in over.items())])
+        ref_peak = over["optim.lr"] * total / 256
+        theirs, _ = step_ratios(ref_cfg, ref_peak, steps, res, batch, log)
+        log(f"dry run: beside it, the reference recipe ({recipe} in docs/reference_recipes.yaml: total batch {total}, "
+            f"peak lr {ref_peak:.4g}, " + (f"LARS eta {over.get('optim.lars_eta')}, {over.get('optim.lars_form')} "
+                                           f"form{', clipped' if over.get('optim.lars_clip') else ''}"
+                                           if over.get("optim.lars_eta") else "SGD") + ") on the same images")
     log(f"dry run: {'parameter group':28s} " + " ".join(f"step {s + 1:<7d}" for s in range(steps)) +
-        "  (largest ||update|| / ||weight|| of a layer)")
-    for name, per_step in ratios.items():
-        log(f"dry run: {name:28s} " + " ".join(f"{per_step[s][0]:<12.4g}" for s in range(steps)))
+        "  (largest ||update|| / ||weight|| of a layer" + ("; reference below" if theirs else "") + ")")
+    for name, per_step in ours.items():
+        log(f"dry run: {name:28s} " + " ".join(f"{r:<12.4g}" for r, _ in per_step))
+        if theirs and name in theirs:
+            log(f"dry run: {'  reference':28s} " + " ".join(f"{r:<12.4g}" for r, _ in theirs[name]))
     trend = "falling" if losses[-1] < losses[0] else "not falling (few steps on noise: a hint, not a verdict)"
     log("dry run: loss " + " ".join(f"{v:.4f}" for v in losses) + f" ({trend})")
-    for name, per_step in ratios.items():
+    for name, per_step in ours.items():
         if "weights" not in name:
             continue  # biases start at 0 and norms at 1: their ratios are large in every reference, unbounded
-        for s in range(steps):
-            r, layer = per_step[s]
-            if not math.isfinite(r) or r > RATIO_BOUND:
-                raise DryRunError(
-                    f"dry run: at step {s + 1} {layer} moved by {r:.3g} of its norm ({name}; bound {RATIO_BOUND}: "
-                    f"solo-learn's clipped LARS caps a step at 0.02, BYOL's LARS gives 0.0032); lower optim.lr, or "
-                    f"use optim.lars_form=solo with optim.lars_clip=1")
-    log(f"dry run: ok: every weight layer's update below {RATIO_BOUND} of its norm in each of {steps} steps (biases "
-        f"and norms are shown, not bounded: they start at 0 and 1), every value finite")
-    return {name: max(r for r, _ in per_step.values()) for name, per_step in ratios.items()}
+        for s, (r, layer) in enumerate(per_step):
+            bound, why = RATIO_BOUND, "no reference recipe moves a weight layer by that much in a step"
+            if theirs and name in theirs:
+                bound = max(FACTOR * theirs[name][s][0], 1e-3)
+                why = f"{FACTOR:g}x the reference recipe's {theirs[name][s][0]:.3g} at that step"
+            elif cfg["optim.optimizer"] != "lars" or not cfg["optim.lars_eta"]:
+                continue  # SGD / AdamW without a reference: the ratio follows the gradient, shown only
+            if not math.isfinite(r) or r > bound:
+                raise DryRunError(f"dry run: at step {s + 1} {layer} moved by {r:.3g} of its norm ({name}), above "
+                                  f"{bound:.3g} ({why}); lower optim.lr, or use optim.lars_form=solo with "
+                                  f"optim.lars_clip=1")
+    lars = cfg["optim.optimizer"] == "lars" and cfg["optim.lars_eta"] > 0
+    log("dry run: ok: " + (f"every weight layer's update within {FACTOR:g}x the reference recipe's" if theirs else
+                           f"every weight layer's update below {RATIO_BOUND} of its norm" if lars else
+                           "no reference recipe in the table and no LARS ratio: the ratios are shown, not bounded") +
+        f" over {steps} steps (biases and norms are shown, not bounded: they start at 0 and 1), every value finite")
+    return {name: ([r for r, _ in per_step], [r for r, _ in theirs[name]] if theirs and name in theirs else None)
+            for name, per_step in ours.items()}
 
 
 def _is_pred(group, names):
