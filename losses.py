@@ -346,29 +346,35 @@ def cross_view_info_nce(anchors, targets, temperature, offset=None):
     return F.cross_entropy(logits, torch.arange(anchors.shape[0], device=anchors.device) + offset)
 
 
-def logo_affinity_losses(affinity, zl1, zl2):
-    """LoGo's L_ll. affinity: a module [B, 2D] -> [B, 1]; zl*: local-crop embeddings [B, D] (online, with grad).
+def logo_affinity_losses(affinity, zl1, zl2, noise=None):
+    """LoGo's L_ll as its public code computes it. affinity: f_d, a module [n, 2D] -> [n, 1]; zl*: the two local
+    crops' embeddings [B, D] (online, with grad), L2-normalised here before f_d sees them; noise: (n1, n2) [B, D]
+    added to the positives' embeddings for f_d's training (the code: Gaussian, std 0.3 / sqrt(D)), or None.
     Returns (encoder_term, affinity_loss):
-      encoder_term  = mean f_d(zl1, zl2), which the encoder minimises (f_d's parameters get no gradient from it);
-      affinity_loss = softplus(-f_d(same-image pairs)) + softplus(f_d(pairs rolled by one image)), on detached
-                      embeddings, which the alternating step minimises over f_d's parameters."""
+      encoder_term  = mean softplus(f_d(u1, u2)), which the encoder minimises (f_d's parameters get no gradient);
+      affinity_loss = softplus(-f_d(positives)) + softplus(f_d(negatives)), means, on detached embeddings, over both
+                      orderings of each pair: positives (u1 + n1, u2 + n2) and (u2 + n2, u1 + n1), negatives each
+                      crop against the other crop of the flipped batch, (u1, flip(u2)) and (u2, flip(u1)); the
+                      alternating step minimises it over f_d's parameters."""
     _check("zl1", zl1, 2)
     _check("zl2", zl2, 2, zl1.shape[-1])
     if zl1.shape != zl2.shape or zl1.shape[0] < 2:
         raise ValueError(f"logo_affinity_losses needs two equal [B>=2, D] batches, got {tuple(zl1.shape)}, "
                          f"{tuple(zl2.shape)}")
+    u1, u2 = F.normalize(zl1, dim=1), F.normalize(zl2, dim=1)
     params = list(affinity.parameters())
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
-        encoder_term = affinity(torch.cat([zl1, zl2], dim=1)).mean()
+        encoder_term = F.softplus(affinity(torch.cat([u1, u2], dim=1))).mean()
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    a, b = zl1.detach(), zl2.detach()
-    positive = affinity(torch.cat([a, b], dim=1))
-    negative = affinity(torch.cat([a, b.roll(1, dims=0)], dim=1))
+    a, b = u1.detach(), u2.detach()
+    na, nb = (noise[0].to(a.dtype), noise[1].to(a.dtype)) if noise is not None else (0.0, 0.0)
+    positive = affinity(torch.cat([torch.cat([a + na, b + nb], dim=1), torch.cat([b + nb, a + na], dim=1)]))
+    negative = affinity(torch.cat([torch.cat([a, b.flip(0)], dim=1), torch.cat([b, a.flip(0)], dim=1)]))
     affinity_loss = F.softplus(-positive).mean() + F.softplus(negative).mean()
     return encoder_term, affinity_loss
 

@@ -504,7 +504,7 @@ def forward_views(net, packed, n_views, **kwargs):
     return list(out.chunk(n_views))
 
 
-def method_loss(spec, online, target, packed, local_packed, affinity, state=None):
+def method_loss(spec, online, target, packed, local_packed, affinity, state=None, noise=None):
     """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
     LossSpec; online: the online network (maybe DDP); target: the EMA network or None; state: the method's own
     tensors, read here: DINO's (centre [1, K], teacher temperature []), MoCo v2's (queue [K, D], pointer []). The
@@ -568,7 +568,7 @@ def method_loss(spec, online, target, packed, local_packed, affinity, state=None
         else:
             lg = terms["local_global"] = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2)
                                              for g in (o1, o2))
-        terms["local_local"], affinity_loss = logo_affinity_losses(affinity, l1["z"], l2["z"])
+        terms["local_local"], affinity_loss = logo_affinity_losses(affinity, l1["z"], l2["z"], noise)
         # with logo_clip, L_ll enters through the step's clipped gradient instead of lambda
         loss = loss + lg + (0.0 if spec.logo_clip else spec.logo_lambda * terms["local_local"])
         terms["affinity"] = affinity_loss
@@ -663,8 +663,8 @@ class Run:
             queue = F.normalize(torch.randn(cfg["method.queue_size"], cfg["method.proj_dim"], generator=g), dim=1)
             self.state = (queue.to(device), torch.zeros((), dtype=torch.long, device=device))
 
-        def forward_loss(packed, local_packed, state):
-            return method_loss(spec, model, target, packed, local_packed, affinity, state)
+        def forward_loss(packed, local_packed, state, noise=None):
+            return method_loss(spec, model, target, packed, local_packed, affinity, state, noise)
         self.forward_loss = forward_loss
         if cfg["training.compile"]:
             # the online and target networks and the losses in one graph (backward compiled with it); one graph
@@ -703,6 +703,15 @@ class Run:
     def generator(self, step):
         """The generator of step `step`'s augmentations (0-based): the same views on resume and with prefetch."""
         return torch.Generator(device=self.device).manual_seed(self.cfg["training.seed"] * 1_000_003 + step)
+
+    def logo_noise(self, local_views):
+        """LoGo's noise on the positive pairs that train f_d (its public code: Gaussian, std 0.3 / sqrt(D)), drawn
+        from this step's own generator, so a resumed run draws the same."""
+        B, D = local_views[0].shape[0], self.cfg["method.proj_dim"]
+        g = torch.Generator(device=self.device).manual_seed(self.cfg["training.seed"] * 1_000_003 + self.global_step
+                                                            + 500_000_003)
+        std = 0.3 / math.sqrt(D)
+        return tuple(std * torch.randn(B, D, generator=g, device=self.device) for _ in range(2))
 
     def teacher_temp(self, epoch):
         """DINO's teacher temperature in `epoch` (losses.dino_teacher_temp)."""
@@ -792,8 +801,9 @@ class Run:
         online = self.online
         packed = pack_views(views, self.fuse)
         local_packed = pack_views(local_views, self.fuse) if local_views is not None else None
+        noise = self.logo_noise(local_views) if self.affinity is not None else None
         with self.amp:
-            loss, affinity_loss, terms, features, update = self.forward_loss(packed, local_packed, self.state)
+            loss, affinity_loss, terms, features, update = self.forward_loss(packed, local_packed, self.state, noise)
         step = self.global_step + 1  # 1-based in messages and logs
         if self.check_every == 1:
             if not torch.isfinite(loss):  # sync

@@ -156,14 +156,20 @@ def test_gathered_arguments_are_checked():
 # ------------------------------------------------------------------------------------------------- LoGo, EMA
 
 def test_logo_affinity_losses_route_gradients():
+    """LoGo's public code, written out: f_d sees unit embeddings; the encoder minimises softplus(f_d(u1, u2)); f_d
+    learns positives (both orderings, noise added) against negatives from the flipped batch (both orderings)."""
     torch.manual_seed(0)
     f_d = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).double()
     zl1, zl2 = _rand(5, 4, grad=True, seed=1), _rand(5, 4, grad=True, seed=2)
-    enc, aff = logo_affinity_losses(f_d, zl1, zl2)
+    noise = (0.1 * _rand(5, 4, seed=3), 0.1 * _rand(5, 4, seed=4))
+    enc, aff = logo_affinity_losses(f_d, zl1, zl2, noise)
     with torch.no_grad():
-        ref_enc = f_d(torch.cat([zl1, zl2], 1)).mean()
-        pos = f_d(torch.cat([zl1, zl2], 1))
-        neg = f_d(torch.cat([zl1, zl2[[4, 0, 1, 2, 3]]], 1))
+        u1, u2 = zl1 / zl1.norm(dim=1, keepdim=True), zl2 / zl2.norm(dim=1, keepdim=True)
+        ref_enc = torch.log1p(torch.exp(f_d(torch.cat([u1, u2], 1)))).mean()
+        p1, p2 = u1 + noise[0], u2 + noise[1]
+        pos = f_d(torch.cat([torch.cat([p1, p2], 1), torch.cat([p2, p1], 1)]))
+        flip = [4, 3, 2, 1, 0]
+        neg = f_d(torch.cat([torch.cat([u1, u2[flip]], 1), torch.cat([u2, u1[flip]], 1)]))
         ref_aff = torch.log1p(torch.exp(-pos)).mean() + torch.log1p(torch.exp(neg)).mean()
     assert enc.item() == pytest.approx(ref_enc.item()) and aff.item() == pytest.approx(ref_aff.item())
     enc.backward()  # the encoder term moves the embeddings, not f_d
@@ -172,6 +178,8 @@ def test_logo_affinity_losses_route_gradients():
     aff.backward()  # the affinity loss trains f_d only
     assert zl1.grad is None and all(p.grad is not None for p in f_d.parameters())
     assert all(p.requires_grad for p in f_d.parameters())  # flags restored
+    scaled = logo_affinity_losses(f_d, 3 * zl1.detach(), 5 * zl2.detach(), noise)  # only directions count
+    assert scaled[0].item() == pytest.approx(enc.item()) and scaled[1].item() == pytest.approx(aff.item())
 
 
 def test_ema_update_is_exact():
