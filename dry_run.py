@@ -60,13 +60,21 @@ def reference_of(cfg):
     name = os.path.basename(cfg.source_file)
     for recipe, entry in table["recipes"].items():
         if name in entry["configs"]:
-            keys = {k: v for k, (v, _) in entry["keys"].items()}
+            keys = {k: v for k, (v, _) in reference_keys(table, recipe).items()}
             over = {k: keys[k] for k in ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.lars_eta",
                                          "optim.lars_form", "optim.lars_clip") if k in keys}
             if keys.get("optimizer") == "sgd":
                 over["optim.lars_eta"] = 0
             return recipe, over, keys["total_batch"]
     return None
+
+
+def reference_keys(table, recipe):
+    """A recipe's {key: [value, source]} in the table, its `base:` recipe's keys first."""
+    entry = table["recipes"][recipe]
+    keys = dict(reference_keys(table, entry["base"])) if entry.get("base") else {}
+    keys.update(entry["keys"])
+    return keys
 
 
 def step_ratios(cfg, peak, steps, res, batch, log):
