@@ -57,7 +57,8 @@ def reference_of(cfg):
     if not cfg.source_file:
         return None
     table = yaml.safe_load(open(REFERENCE_TABLE))
-    name = os.path.basename(cfg.source_file)
+    name = os.path.relpath(os.path.abspath(cfg.source_file), os.path.join(os.path.dirname(REFERENCE_TABLE), "..",
+                                                                          "configs"))
     for recipe, entry in table["recipes"].items():
         if name in entry["configs"]:
             keys = {k: v for k, (v, _) in reference_keys(table, recipe).items()}
