@@ -473,6 +473,31 @@ def _flatten(tree, prefix=()):
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a key that a mapping holds twice (yaml itself keeps the last one silently: two
+    `method:` blocks would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"config file {self.name}: '{key}' appears twice in one block (lines {lines[key]} "
+                                  f"and {line}); merge the two")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_unique(text, path):
+    loader = _UniqueKeyLoader(text)
+    loader.name = path
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path, seen=()):
     """A YAML config as {(section, key): value}. A top-level `base: FILE` (relative to this file) is read first and
     overridden by this file's values, so a study config holds only what it changes."""
@@ -490,7 +515,7 @@ def _read_yaml(path, seen=()):
         raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") \
             from None
     try:
-        tree = yaml.safe_load(text)
+        tree = _load_unique(text, path)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if tree is None:

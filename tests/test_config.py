@@ -144,3 +144,16 @@ def test_page_size_must_be_power_of_two(tmp_path):
     cfg = load_config(None, ["--data.source=synthetic", f"--data.beton_dir={tmp_path}", "--writer.page_size_mib=3"])
     with pytest.raises(ConfigError, match="power of 2"):
         write_split(cfg, "train", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("content,key,lines", [
+    ("method:\n  name: dino\noptim:\n  lr: 0.1\nmethod:\n  w_s: 0.3\n", "method", "lines 1 and 5"),
+    ("optim:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "lr", "lines 2 and 4"),
+])
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, content, key, lines):
+    """yaml keeps the last of two equal keys silently (a second `method:` block dropped `name: dino` and the run
+    trained co_byol): refused, with the key and both lines."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"'{key}' appears twice in one block \\({lines}\\)"):
+        load_config(str(path))
