@@ -924,7 +924,12 @@ def calibrate(run, minutes, log=print):
             t0 = time.perf_counter()
         elif taken > warm:
             timed += 1
-            if timed >= most or (timed >= 5 and time.perf_counter() - t0 > 30):
+            enough = timed >= most or (timed >= 5 and time.perf_counter() - t0 > 30)
+            if run.world > 1:  # rank 0's clock decides for all: ranks that disagreed would wait on each other forever
+                flag = torch.tensor([int(enough)], device=run.device)
+                dist.broadcast(flag, src=0)
+                enough = bool(flag.item())
+            if enough:
                 break
     batches.close()  # ends the loader's epoch (and the prefetch thread) mid-way
     sync()

@@ -470,3 +470,36 @@ def test_sync_bn_converts_online_and_target_on_cuda_only():
         for net in (online, target):
             bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns)
+
+
+def _calibrate_worker(rank, world, port, beton_dir, out):
+    """One rank of a 2-rank calibration whose clocks disagree: rank 1's runs 1,000x fast, so on its own it would
+    time all 40 steps while rank 0 stops after 5 (the hang: one rank in a broadcast, the other in the next step)."""
+    import time as time_module
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = load_config(None, TINY + [f"--data.beton_dir={beton_dir}", "--training.device=cpu"])
+    _, _, device = train_coss.setup_distributed("cpu")
+    train_path, _, total, classes = train_coss.betons(cfg)
+    run = train_coss.build_run(cfg, device, world, train_path, 64, classes, total)
+    real = time_module.perf_counter
+    start = real()
+    fast = (lambda: start + (real() - start) / 1000) if rank == 1 else (lambda: start + (real() - start) * 1000)
+    train_coss.time.perf_counter = fast  # rank 0: every step looks like 30 s and more; rank 1: like nothing
+    train_coss.calibrate(run, 1.0, log=lambda *_: None)
+    train_coss.time.perf_counter = real
+    torch.save({"total": run.total_steps}, f"{out}.{rank}")
+    torch.distributed.barrier()
+    os._exit(0)
+
+
+@pytest.mark.timeout(600)
+def test_calibration_under_two_ranks_with_disagreeing_clocks_ends_with_one_step_count(betons, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "total"
+    torch.multiprocessing.spawn(_calibrate_worker, args=(2, port, str(betons / "betons"), str(out)), nprocs=2)
+    totals = [torch.load(f"{out}.{r}", weights_only=False)["total"] for r in (0, 1)]
+    assert totals[0] == totals[1] > 0
