@@ -237,10 +237,12 @@ def resolution_at(cfg, epoch):
 # ---------------------------------------------------------------------------------------------------------------
 # Model, optimiser, schedules.
 
-def build_model(cfg, num_classes, device):
+def build_model(cfg, num_classes, device, init=True):
+    """The networks of a run: online, EMA target, probe, LoGo's affinity MLP. init=False skips model.init (a resumed
+    run restores every weight from its checkpoint, and the init file may be gone by then)."""
     width = cfg["model.width"]
     backbone = build_backbone(cfg["model.backbone"], **({"width": width} if width else {}))
-    if cfg["model.init"]:
+    if cfg["model.init"] and init:
         load_init(backbone, cfg["model.init"])
     online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
                     cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"],
@@ -622,7 +624,7 @@ class Run:
     epoch's inputs (made one step ahead with training.prefetch); run.state_dict() / load_state_dict() are the
     checkpoint's own part (the trainer adds epoch, config and results)."""
 
-    def __init__(self, cfg, device, world, loader, decoders, num_train, num_classes):
+    def __init__(self, cfg, device, world, loader, decoders, num_train, num_classes, init=True):
         self.cfg, self.device, self.world = cfg, device, world
         self.loader, self.decoders, self.num_train = loader, decoders, num_train
         self.steps_per_epoch = len(loader) if loader is not None else 1
@@ -631,7 +633,7 @@ class Run:
         self.warmup_steps = cfg["optim.warmup_epochs"] * self.steps_per_epoch
         self.res, self.epoch, self.global_step = resolution_at(cfg, 0), 0, 0  # global_step: updates done so far
         self.make_views = view_maker(cfg, device)
-        self.online, self.target, self.probe, self.affinity = build_model(cfg, num_classes, device)
+        self.online, self.target, self.probe, self.affinity = build_model(cfg, num_classes, device, init)
         self.peak_lr = cfg["optim.lr"] * cfg["optim.batch_size"] * world / 256
         self.opt = build_optimizer(cfg, self.online, self.peak_lr)
         self.probe_opt = torch.optim.SGD(self.probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
@@ -884,7 +886,7 @@ class Run:
         set_rng_state(ck["rng"])
 
 
-def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes=None, total=None):
+def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes=None, total=None, init=True):
     """The Run of a config: with train_path, its loader over num_train images of that beton (None: all; fewer: a
     subset drawn with training.seed, write_ffcv.seeded_subset) and the beton's classes (total and num_classes: the
     beton's image and class counts when the caller has read them already); without, no loader (run.step takes
@@ -898,7 +900,7 @@ def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes
         num_train = total if num_train is None else min(num_train, total)
         indices = seeded_subset(total, num_train, cfg["training.seed"])
         loader, decoders = train_loader(cfg, train_path, indices, world, resolution_at(cfg, 0))
-    return Run(cfg, device, world, loader, decoders, num_train, num_classes)
+    return Run(cfg, device, world, loader, decoders, num_train, num_classes, init)
 
 
 # optim.minutes: untimed first steps (compilation, caches, and the batches the loader queued ahead while the run
@@ -1100,7 +1102,8 @@ def resume_state(cfg, ckpt_path):
     then = {(section, k): ck["config"].get(section, {}).get(k, defaults[f"{section}.{k}"])
             for section in ("model", "method") for k in now[section]}
     differ = [f"{section}.{k}: {then[section, k]!r} in the checkpoint, {v!r} now"
-              for section in ("model", "method") for k, v in now[section].items() if then[section, k] != v]
+              for section in ("model", "method") for k, v in now[section].items()
+              if then[section, k] != v and f"{section}.{k}" != "model.init"]  # init: step 0's weights only
     if differ:
         raise TrainingError(f"{ckpt_path} was written with other settings ({'; '.join(differ[:4])}"
                             f"{'; ...' if len(differ) > 4 else ''}); refusing to resume")
@@ -1182,9 +1185,6 @@ def train(cfg, on_step=None, log=print):
     train_path, val_path, total_train, num_classes = betons(cfg)
     num_train = min(cfg["training.train_images"], total_train) if cfg["training.train_images"] else total_train
     check_options(cfg, num_train, world)
-    run = build_run(cfg, device, world, train_path, num_train, num_classes, total_train)
-    check_local_map(cfg, run.online, device)
-    steps_per_epoch = run.steps_per_epoch
     run_dir = run_folder(cfg)
     if world > 1:  # one folder for all ranks (its default name holds rank 0's start time)
         shared = [run_dir]
@@ -1193,6 +1193,11 @@ def train(cfg, on_step=None, log=print):
     cfg.run_dir = run_dir  # for main's resume line after Ctrl-C
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     resume = cfg["training.resume"]
+    # a resumed run takes every weight from its checkpoint: model.init is not read (its file may be gone)
+    run = build_run(cfg, device, world, train_path, num_train, num_classes, total_train,
+                    init=not (resume and os.path.isfile(ckpt_path)))
+    check_local_map(cfg, run.online, device)
+    steps_per_epoch = run.steps_per_epoch
     if os.path.isfile(ckpt_path) and not resume:
         raise TrainingError(f"{run_dir} already holds a run; pass --training.resume=1 to continue it, or choose "
                             f"another training.run_name")

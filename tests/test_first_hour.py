@@ -218,6 +218,36 @@ def test_model_init_starts_from_torchvision_weights_and_backbone_pt_loads_back_s
         torch.testing.assert_close(back.eval()(x), tv(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.timeout(600)
+def test_a_run_started_from_model_init_resumes_after_the_init_file_is_gone(betons, tmp_path):
+    """A resume restores every weight from the checkpoint: model.init is neither read (the file may be gone) nor a
+    setting whose absence refuses the resume."""
+    import shutil
+    width = ["--model.backbone=resnet18", "--model.width=8", "--method.name=byol", "--training.run_name=r"]
+    torch.manual_seed(0)
+    init = tmp_path / "init.pt"
+    torch.save(train_coss.build_backbone("resnet18", width=8).state_dict(), init)
+    full = train_coss.train(tiny_cfg(betons, tmp_path / "full", *width, f"--model.init={init}"), log=lambda *_: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(step):  # 4 steps per epoch: dies in epoch 2, after epoch 1's checkpoint
+        if step == 6:
+            raise Killed()
+    with pytest.raises(Killed):
+        train_coss.train(tiny_cfg(betons, tmp_path / "cut", *width, f"--model.init={init}"), on_step=kill_at_6,
+                         log=lambda *_: None)
+    init.unlink()
+    lines = []
+    again = train_coss.train(tiny_cfg(betons, tmp_path / "cut", *width, "--training.resume=1"), log=lines.append)
+    assert any(line.startswith("resumed ") for line in lines)
+    a = torch.load(os.path.join(full["run_dir"], "checkpoint.pt"), weights_only=False)["online"]
+    b = torch.load(os.path.join(again["run_dir"], "checkpoint.pt"), weights_only=False)["online"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shutil.rmtree(tmp_path / "full")
+
+
 def test_model_init_that_does_not_fit_is_one_line(betons, tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
     res = _cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
