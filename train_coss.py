@@ -1110,6 +1110,35 @@ def resume_state(cfg, ckpt_path):
     return ck
 
 
+def _clear_leftovers(run_dir, fresh, log=print):
+    """What dead processes left in a run folder: `*.tmp-<pid>` files of processes that no longer run, and, when the
+    run starts fresh (no checkpoint to resume), the log rows and TensorBoard events of an earlier attempt that was
+    killed before its first checkpoint (kept, they would show steps 1..k twice)."""
+    import shutil
+    for name in os.listdir(run_dir):
+        pid = name.rpartition(".tmp-")[2]
+        if ".tmp-" in name and pid.isdigit() and not _alive(int(pid)):
+            os.remove(os.path.join(run_dir, name))
+    if fresh:
+        gone = [n for n in ("log.jsonl", "tb") if os.path.exists(os.path.join(run_dir, n))]
+        for name in gone:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if gone:
+            log(f"{run_dir} held {' and '.join(gone)} of an earlier attempt that wrote no checkpoint: removed, "
+                f"this run starts at step 1")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _forget_after(log_path, step):
     """On resume: drop the log rows of steps after the checkpoint (they are run again), atomically."""
     if not os.path.isfile(log_path):
@@ -1214,6 +1243,7 @@ def train(cfg, on_step=None, log=print):
     start_epoch, results, ck, eval_seconds = 0, {}, None, 0.0
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
+        _clear_leftovers(run_dir, fresh=not os.path.isfile(ckpt_path), log=log)
     if cfg["training.resume"] and os.path.isfile(ckpt_path):
         try:
             ck = resume_state(cfg, ckpt_path)

@@ -331,3 +331,30 @@ def test_successful_runs_of_every_script_print_no_numba_noise(betons, tmp_path):
     _quiet_stderr(res)
     _quiet_stderr(_cli("evaluate.py", "--ckpt", tmp_path / "r", "--robust.images=16", "--robust.severities=1",
                        "--robust.pgd_eps=1", "--analysis.pairs=8", "--linear.epochs=2"))
+
+
+@pytest.mark.timeout(600)
+def test_a_restart_after_a_kill_before_the_first_checkpoint_logs_each_step_once(betons, tmp_path):
+    """Killed before its first checkpoint, then started again with resume=auto: the old attempt's log rows and
+    TensorBoard events go (they would show steps 1..k twice), and so do tmp files of dead processes."""
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step):
+        if step == 3:
+            raise Killed()
+    cfg = tiny_cfg(betons, tmp_path, "--training.run_name=r", "--optim.epochs=1", "--training.checkpoint_every=1")
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_3, log=quiet)
+    run_dir = tmp_path / "r"
+    assert not (run_dir / "checkpoint.pt").exists() and (run_dir / "log.jsonl").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / f"checkpoint.pt.tmp-{dead.pid}").write_bytes(b"half a checkpoint")
+    lines = []
+    train(tiny_cfg(betons, tmp_path, "--training.run_name=r", "--optim.epochs=1", "--training.resume=auto"),
+          log=lines.append)
+    steps = [json.loads(line)["step"] for line in open(run_dir / "log.jsonl") if '"loss"' in line]
+    assert steps == list(range(1, 5))  # 4 steps per epoch, each once
+    assert not list(run_dir.glob("*.tmp-*"))
+    assert any("of an earlier attempt that wrote no checkpoint: removed" in line for line in lines)
