@@ -1091,9 +1091,28 @@ def check_options(cfg, num_train, world):
                             f"{num_train} training images")
 
 
-def resume_state(cfg, ckpt_path):
-    """The checkpoint to continue from: complete, finite, and written with this run's model and method settings."""
+DATA_KEYS = ("source", "root", "name", "class_list", "image_size", "synthetic_images", "synthetic_classes",
+             "synthetic_min_size", "synthetic_max_size")  # what the data is (beton_dir and decode may change)
+
+
+def resume_state(cfg, ckpt_path, data=None):
+    """The checkpoint to continue from: complete, finite, and written with this run's model, method and data
+    settings; data = {"train_images", "classes"} of the betons this run reads (checked against the checkpoint's)."""
     ck = read_checkpoint(ckpt_path)
+    then_data, now_data = ck["config"].get("data", {}), as_dict(cfg)["data"]
+    differ = [f"data.{k}: {then_data.get(k)!r} in the checkpoint, {now_data[k]!r} now" for k in DATA_KEYS
+              if k in then_data and then_data[k] != now_data[k]]
+    if data is not None:
+        held = ck.get("data") or {}
+        classes = held.get("classes", ck["probe"]["weight"].shape[0] if ck.get("probe") else None)
+        if classes is not None and classes != data["classes"]:
+            differ.append(f"{classes} classes in the checkpoint's data, {data['classes']} now")
+        if held.get("train_images") not in (None, data["train_images"]):
+            differ.append(f"{held['train_images']} train images in the checkpoint's data, {data['train_images']} "
+                          f"now")
+    if differ:
+        raise TrainingError(f"{ckpt_path} was trained on other data ({'; '.join(differ[:3])}); refusing to resume "
+                            f"it on this data (give another training.run_name, or the data it was trained on)")
     now = as_dict(cfg)
     # a key the checkpoint's version did not have yet reads as its default (which is that version's behaviour)
     defaults = {".".join(key): param.default for key, param in cfg.entries.items()}
@@ -1246,14 +1265,15 @@ def train(cfg, on_step=None, log=print):
         _clear_leftovers(run_dir, fresh=not os.path.isfile(ckpt_path), log=log)
     if cfg["training.resume"] and os.path.isfile(ckpt_path):
         try:
-            ck = resume_state(cfg, ckpt_path)
+            ck = resume_state(cfg, ckpt_path, {"train_images": num_train, "classes": num_classes})
         except CheckpointError as e:
             raise TrainingError(f"cannot resume: {e}") from None
         run.load_state_dict(ck)
         start_epoch, results = ck["epoch"], ck.get("results", {})
         if is_main:
             _forget_after(os.path.join(run_dir, "log.jsonl"), run.global_step)
-        log(f"resumed {ckpt_path} at epoch {start_epoch}, step {run.global_step}")
+        log(f"resumed {ckpt_path} at epoch {start_epoch}, step {run.global_step} ({cfg['method.name']}, "
+            f"{cfg['model.backbone']}, data {cfg['data.name']}: {num_train} train images, {num_classes} classes)")
     elif is_main and cfg["eval.random_init"] and "random_init" not in results:
         t_eval = time.perf_counter()
         results["random_init"] = evaluate(cfg, run.online.backbone, None, device, num_classes, cfg["augment.res"],
@@ -1286,7 +1306,8 @@ def train(cfg, on_step=None, log=print):
 
     def checkpoint(epoch, when):
         save_checkpoint(ckpt_path, {**run.state_dict(), "epoch": epoch + 1, "config": as_dict(cfg),
-                                    "results": results}, when)
+                                    "results": results, "data": {"train_images": num_train, "classes": num_classes}},
+                        when)
 
     def report(epoch, metrics):
         results[f"epoch{epoch}"] = metrics

@@ -358,3 +358,17 @@ def test_a_restart_after_a_kill_before_the_first_checkpoint_logs_each_step_once(
     assert steps == list(range(1, 5))  # 4 steps per epoch, each once
     assert not list(run_dir.glob("*.tmp-*"))
     assert any("of an earlier attempt that wrote no checkpoint: removed" in line for line in lines)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("other,message", [
+    (["--training.train_images=48"], "64 train images in the checkpoint's data, 48 now"),
+    (["--data.synthetic_classes=7"], "data.synthetic_classes: "),
+])
+def test_resuming_onto_other_data_is_refused_with_one_line(betons, trained_run, tmp_path, other, message):
+    """resume=auto on other data would continue an old run on it, printing only "resuming": refused instead."""
+    shutil.copytree(trained_run, tmp_path / "r")
+    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+                                f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=auto",
+                                "--optim.epochs=2", *other), "train_coss.py")
+    assert "was trained on other data" in line and message in line, line
