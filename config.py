@@ -332,7 +332,7 @@ def _declare(cfg):
         batch_size=Param(StrictInt(2), "images per step per process", default=64),
         epochs=Param(StrictInt(1), "passes over the training images (ignored when optim.minutes is set)",
                      default=3),
-        minutes=Param(StrictFloat(0.0), "training budget in minutes: the step count is set from the throughput of "
+        minutes=Param(StrictFloat(0.0, 1e6), "training budget in minutes (at most 10^6, about two years): the step count is set from the throughput of "
                       "the first steps (timed, then undone), so the lr and tau schedules run whole; the last epoch "
                       "may be partial; 0 = train optim.epochs", default=0.0),
         lr=Param(StrictFloat(0.0), "base lr per 256 images (x batch_size * world / 256)", default=0.6),

@@ -18,7 +18,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -1081,6 +1083,18 @@ def check_options(cfg, num_train, world):
                             "logo_global_cmin, logo_local_cmax); leave augment.global_views=2 and local_views=0")
     if cfg["method.logo_clip"] and world > 1:
         raise TrainingError("method.logo_clip is single-process only for now; use method.logo_lambda under torchrun")
+    if cfg["method.logo"] and cfg["method.logo_local_cmax"] <= 0.05:
+        raise TrainingError(f"method.logo_local_cmax={cfg['method.logo_local_cmax']} is not above 0.05, LoGo's "
+                            f"smallest local crop scale (its local crops take scale (0.05, logo_local_cmax))")
+    out_dir, run_name = cfg["training.out_dir"], cfg["training.run_name"]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainingError(f"training.out_dir={out_dir} is a file, not a folder; give a folder for the runs")
+    if "/" in run_name or "\\" in run_name or run_name in (".", ".."):
+        raise TrainingError(f"training.run_name={run_name!r} must be a plain folder name (no '/'); put the path in "
+                            f"training.out_dir")
+    if cfg["training.kernels"] == "triton" and not torch.cuda.is_available():
+        raise TrainingError("training.kernels=triton needs CUDA (the Triton ops run on the GPU); use "
+                            "training.kernels=auto or ref on the CPU")
     keys = cfg["augment.global_views"] * cfg["optim.batch_size"] * world
     if name == "moco_v2" and cfg["method.queue_size"] < keys:
         raise TrainingError(f"method.queue_size={cfg['method.queue_size']} is smaller than the {keys} keys one step "
@@ -1489,6 +1503,14 @@ def resume_hint(cfg, argv):
     return f"{kept_checkpoint(ckpt)}; resume with: python train_coss.py {' '.join(args)}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): unwinds like Ctrl-C, so the same clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=help_text(CONFIG_SECTIONS),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1503,6 +1525,8 @@ def main(argv=None):
     parser.add_argument("--dry-run-processes", type=int, default=0, metavar="N",
                         help="processes (GPUs) the dry run assumes (default: training.written_for, else 1)")
     args, overrides = parser.parse_known_args(argv)
+    if threading.current_thread() is threading.main_thread():  # a scheduler's SIGTERM ends a run as Ctrl-C does
+        signal.signal(signal.SIGTERM, _terminate)
     if args.plot:
         print(plot(args.plot))
         return 0
@@ -1526,6 +1550,9 @@ def main(argv=None):
             raise
         print(f"train_coss.py: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"\ntrain_coss.py: terminated (SIGTERM); {resume_hint(cfg, argv)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"\ntrain_coss.py: interrupted; {resume_hint(cfg, argv)}", file=sys.stderr)
         return 130

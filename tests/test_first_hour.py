@@ -80,7 +80,9 @@ def test_a_run_names_its_folder_at_start_and_end_and_gives_an_eta_per_epoch(beto
 
 
 @pytest.mark.timeout(600)
-def test_ctrl_c_exits_130_with_the_command_that_resumes(betons, tmp_path):
+@pytest.mark.parametrize("sig,code,words", [(signal.SIGINT, 130, "interrupted;"),
+                                            (signal.SIGTERM, 143, "terminated (SIGTERM);")])
+def test_ctrl_c_or_sigterm_exits_with_the_command_that_resumes(betons, tmp_path, sig, code, words):
     args = [sys.executable, os.path.join(REPO, "train_coss.py"), *TINY, f"--data.beton_dir={betons / 'betons'}",
             f"--training.out_dir={tmp_path}", "--training.run_name=r", "--optim.epochs=400"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -89,12 +91,12 @@ def test_ctrl_c_exits_130_with_the_command_that_resumes(betons, tmp_path):
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert ckpt.exists(), "no checkpoint within 4 minutes"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("train_coss.py: interrupted;") and "resume with: python train_coss.py" in line
+    assert line.startswith(f"train_coss.py: {words}") and "resume with: python train_coss.py" in line
     assert f"--training.out_dir={tmp_path}" in line and "--training.run_name=r" in line
     assert line.endswith("--training.resume=1")
 

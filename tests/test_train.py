@@ -210,6 +210,10 @@ def _cli(*args):
     (["--method.name=mocov9"], "bad value for 'method.name'"),
     (["--method.name=dino", "--method.proj_out_bn=affine"], "dino's head has its own form"),
     (["--method.name=moco_v2", "--method.queue_size=31"], "smaller than the 32 keys one step enqueues"),
+    (["--method.name=byol", "--method.logo=1", "--method.logo_local_cmax=0.04"], "not above 0.05"),
+    (["--training.run_name=a/b"], "must be a plain folder name"),
+    (["--optim.minutes=1e308"], "bad value for 'optim.minutes'"),
+    *([(["--training.kernels=triton"], "training.kernels=triton needs CUDA")] if not torch.cuda.is_available() else []),
     (["--method.name=simclr", "--method.pred_out_bn=fixed"], "simclr has no predictor"),
     (["--optim.batch_sise=8"], "unknown command line key 'optim.batch_sise'"),
 ])
@@ -503,3 +507,10 @@ def test_calibration_under_two_ranks_with_disagreeing_clocks_ends_with_one_step_
     torch.multiprocessing.spawn(_calibrate_worker, args=(2, port, str(betons / "betons"), str(out)), nprocs=2)
     totals = [torch.load(f"{out}.{r}", weights_only=False)["total"] for r in (0, 1)]
     assert totals[0] == totals[1] > 0
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    cfg = load_config(None, TINY + [f"--training.out_dir={tmp_path / 'runs'}"])
+    with pytest.raises(train_coss.TrainingError, match="is a file, not a folder"):
+        train_coss.check_options(cfg, 64, 1)
