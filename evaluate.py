@@ -157,6 +157,17 @@ def read_checkpoint(path):
     return ck
 
 
+def checkpoint_identity(path):
+    """What a stored evaluation was computed from: the checkpoint's step and the SHA-256 of its bytes (a reused
+    eval.json must come from the very checkpoint on disk, not an earlier one of the same run)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path)}
+
+
 def load_backbone(ckpt, device):
     """A run folder or its checkpoint.pt -> (backbone with the online weights, the run's config dict)."""
     from rf_resnet import build_backbone
@@ -288,7 +299,9 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print, na
     val_f, val_y = extract_features(backbone, eval_loader(cfg, paths["val"], cfg["eval.val_images"], res), device)
     backbone.eval()
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    out = {"checkpoint": os.path.abspath(ckpt), "config": {s: run_cfg.get(s) for s in ("model", "method")},
+    ck_file = os.path.join(ckpt, "checkpoint.pt") if os.path.isdir(ckpt) else ckpt
+    out = {"checkpoint": os.path.abspath(ckpt), "checkpoint_id": checkpoint_identity(ck_file),
+           "config": {s: run_cfg.get(s) for s in ("model", "method")},
            "settings": eval_settings(cfg), "images": {"train": len(train_f), "val": len(val_f)}, "knn": {}}
     bank, query = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
     for k in cfg["linear.knn_k"]:
@@ -404,6 +417,11 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command
         stored = json.load(open(path)) if os.path.isfile(path) else None
         ck_path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
         ck = read_checkpoint(ck_path) if stored is not None or os.path.isfile(ck_path) else None  # read once
+        if stored is not None and stored.get("checkpoint_id") != checkpoint_identity(ck_path):
+            log(f"{path} was made from another checkpoint than {ck_path} holds now (it trained on, or the file was "
+                f"replaced){'' if stored.get('checkpoint_id') else ' or records none (an older eval.json)'}; "
+                f"evaluating {run} again")
+            stored = None
         if stored is not None:
             differ = settings_differ(stored.get("settings"), eval_settings(run_config(ck["config"], overrides)))
             if differ:
@@ -411,7 +429,7 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command
                     f"; evaluating {run} again")
                 stored = None
             else:
-                log(f"{name}: reusing {path} (same settings)")
+                log(f"{name}: reusing {path} (same checkpoint, same settings)")
         results[name] = (stored if stored is not None else
                          evaluate_checkpoint(run, eval_dir, overrides, device, log, name=name))
         redraw(eval_dir, results[name], name, out_dir)

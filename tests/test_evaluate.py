@@ -1,5 +1,6 @@
 """The evaluation suite: evaluate.py (linear evaluation, CLI, reports), robustness.py, analyses.py."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -191,6 +192,15 @@ def test_evaluate_and_compare_two_runs(betons, tmp_path):
     changed = [line for line in lines if "other settings" in line]
     assert len(changed) == 2 and "linear.epochs: 3 stored, 2 asked" in changed[0]
     assert json.load(open(os.path.join(runs["byol"], "eval", "eval.json")))["settings"]["linear"]["epochs"] == 2
+    # the run trains on (here: its checkpoint is replaced by another run's): same settings, other weights, so its
+    # stored evaluation no longer answers and is made again, and said so
+    shutil.copy(os.path.join(runs["co_byol"], "checkpoint.pt"), os.path.join(runs["byol"], "checkpoint.pt"))
+    lines.clear()
+    compare([runs["byol"], runs["co_byol"]], ["BYOL", "CO-BYOL"], str(report), SMALL + ["--linear.epochs=2"],
+            log=lines.append)
+    again = [line for line in lines if "made from another checkpoint" in line]
+    assert len(again) == 1 and runs["byol"] in again[0]
+    assert sum("reusing" in line for line in lines) == 1
 
 
 def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
