@@ -1,7 +1,7 @@
 """The evaluation suite: evaluate.py (linear evaluation, CLI, reports), robustness.py, analyses.py."""
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 
