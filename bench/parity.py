@@ -59,6 +59,16 @@ RECIPES = {
              "(lightly has no MoCo v3 loss). Views: lightly's BYOLTransform (MoCo v3 uses BYOL's augmentations), "
              "no blur. SGD momentum 0.9 at a constant lr 0.06, no weight decay. Our loss is the same sum, lr x1.",
         jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.0, 0.2), ours_lr_scale=1.0, temperature=0.2),
+    "moco_v2": dict(
+        COMMON,
+        note="MoCo v2 as lightly's blocks build it: MoCoProjectionHead (Linear, ReLU, Linear; hidden 1024, out 128), "
+             "lightly's NTXentLoss with a memory bank of 4,096 keys at T 0.2, symmetrised as solo-learn's MoCo V2+ "
+             "(one bank per view: each view's queries against the other view's keys and that view's bank; ours "
+             "keeps one queue of both views' keys, the same negatives in expectation), key encoder by "
+             "update_momentum at a constant 0.99 (MoCo's 0.999 would barely move in 300 steps). Views: lightly's "
+             "SimCLRTransform with MoCo v2's jitter 0.4/0.4/0.4/0.1, no blur. SGD momentum 0.9 at a constant lr "
+             "0.06, no weight decay. Our loss is the same mean of the two directions, lr x1.",
+        jitter=(0.4, 0.4, 0.4, 0.1), solarize=(0.0, 0.0), ours_lr_scale=1.0, temperature=0.2, queue=4096),
     "dino": dict(
         COMMON,
         note="DINO as lightly's example: DINOProjectionHead (hidden 1024, bottleneck 128, 4096 prototypes, "
@@ -104,7 +114,9 @@ def our_config(method, recipe, seed, extra=()):
            f"--method.dino_teacher_temp={recipe['teacher_temp']}",
            f"--method.dino_warmup_teacher_temp={recipe['teacher_temp']}", "--method.dino_warmup_teacher_temp_epochs=0",
            f"--method.dino_center_momentum={recipe['center_momentum']}", "--method.dino_freeze_last_layer=0"]
-          if method == "dino" else []), *extra]
+          if method == "dino" else []),
+        *([f"--method.queue_size={recipe['queue']}", "--method.proj_hidden=1024"] if method == "moco_v2" else []),
+        *extra]
     return load_config(os.path.join(ROOT, "configs", "fmnist.yaml"), overrides)
 
 
@@ -184,6 +196,31 @@ def reference_model(method, backbone, dim, recipe):
                     k0, k1 = (self.projection_head_momentum(self.backbone_momentum(x)) for x in (x0, x1))
                 return ctr(q0, k1) + ctr(q1, k0)
         return MoCoV3()
+
+    if method == "moco_v2":
+        from lightly.models.modules.heads import MoCoProjectionHead
+
+        class MoCoV2(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone = Features(backbone)
+                self.projection_head = MoCoProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"])
+                self.backbone_momentum = copy.deepcopy(self.backbone)
+                self.projection_head_momentum = copy.deepcopy(self.projection_head)
+                deactivate_requires_grad(self.backbone_momentum)
+                deactivate_requires_grad(self.projection_head_momentum)
+                self.criteria = nn.ModuleList(  # one memory bank per view, as solo-learn's MoCo V2+
+                    NTXentLoss(temperature=recipe["temperature"], memory_bank_size=(recipe["queue"], recipe["proj_dim"]))
+                    for _ in range(2))
+
+            def training_loss(self, x0, x1, step):
+                update_momentum(self.backbone, self.backbone_momentum, m=recipe["tau"])
+                update_momentum(self.projection_head, self.projection_head_momentum, m=recipe["tau"])
+                q0, q1 = (self.projection_head(self.backbone(x)) for x in (x0, x1))
+                with torch.no_grad():
+                    k0, k1 = (self.projection_head_momentum(self.backbone_momentum(x)) for x in (x0, x1))
+                return 0.5 * (self.criteria[0](q0, k1) + self.criteria[1](q1, k0))
+        return MoCoV2()
 
     if method == "dino":
         class DINO(nn.Module):

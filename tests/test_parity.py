@@ -132,3 +132,25 @@ def test_moco_v3_and_dino_recipes_reach_our_config():
             cfg["method.dino_warmup_teacher_temp"], cfg["method.dino_center_momentum"],
             cfg["method.dino_freeze_last_layer"]) == (4096, 0.1, 0.04, 0.04, 0.9, 0)
     assert (cfg["optim.tau"], cfg["optim.tau_schedule"]) == (0.99, "constant")
+
+
+def test_moco_v2_lr_scale_makes_the_updates_equal():
+    """lightly's NTXentLoss with a memory bank, per direction: cross-entropy over [<q, k>, <q, bank>] / T of unit
+    vectors, label 0, mean over the queries; the reference averages the two directions, as ours does."""
+    from losses import multicrop_moco_v2
+    g = torch.Generator().manual_seed(4)
+    q0, q1, k0, k1 = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    bank = F.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=1)
+    T = parity.recipe_of("moco_v2", [])["temperature"]
+
+    def nce(q, k):
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.T], dim=1) / T
+        return F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    ours = _grads(lambda a, b: multicrop_moco_v2([a, b], [k0, k1], bank, T), q0, q1)
+    ref = _grads(lambda a, b: 0.5 * (nce(a, k1) + nce(b, k0)), q0, q1)
+    scale = parity.recipe_of("moco_v2", [])["ours_lr_scale"]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(scale * a, b)
+    cfg = parity.our_config("moco_v2", parity.recipe_of("moco_v2", []), 0)
+    assert (cfg["method.name"], cfg["method.queue_size"], cfg["method.temperature"]) == ("moco_v2", 4096, 0.2)
