@@ -157,6 +157,25 @@ def read_checkpoint(path):
     return ck
 
 
+def read_jsonl(path):
+    """The rows of a JSON-lines file (log.jsonl) and the count of lines that are not JSON objects (a row cut by a
+    crash, a damaged file): skipped and counted, never a traceback."""
+    rows, bad = [], 0
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
+
+
 def checkpoint_identity(path):
     """What a stored evaluation was computed from: the checkpoint's step and the SHA-256 of its bytes (a reused
     eval.json must come from the very checkpoint on disk, not an earlier one of the same run)."""
@@ -414,7 +433,15 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command
     for run, name in zip(runs, names):
         eval_dir = os.path.join(run, "eval")
         path = os.path.join(eval_dir, "eval.json")
-        stored = json.load(open(path)) if os.path.isfile(path) else None
+        stored = None
+        if os.path.isfile(path):
+            try:
+                stored = json.load(open(path, errors="replace"))
+            except ValueError:
+                log(f"{path} is damaged (not JSON); evaluating {run} again")
+            if stored is not None and not isinstance(stored, dict):
+                log(f"{path} is damaged (not an evaluation); evaluating {run} again")
+                stored = None
         ck_path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
         ck = read_checkpoint(ck_path) if stored is not None or os.path.isfile(ck_path) else None  # read once
         if stored is not None and stored.get("checkpoint_id") != checkpoint_identity(ck_path):
@@ -434,7 +461,9 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command
                          evaluate_checkpoint(run, eval_dir, overrides, device, log, name=name))
         redraw(eval_dir, results[name], name, out_dir)
         log_path = os.path.join(run, "log.jsonl")
-        logs[name] = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
+        logs[name], bad = read_jsonl(log_path) if os.path.isfile(log_path) else ([], 0)
+        if bad:
+            log(f"{name}: skipped {bad} unreadable row(s) of {log_path} (a run cut while writing?)")
         rnd = ck.get("results", {}).get("random_init") if ck is not None else None
         if rnd:  # the untrained network's kNN, drawn at epoch 0
             logs[name].insert(0, {"epoch": -1, "knn": rnd["knn"]})

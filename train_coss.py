@@ -1455,7 +1455,11 @@ def plot(run_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    from evaluate import read_jsonl
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(log_path):
+        raise TrainingError(f"{log_path} does not exist (give a run folder that train_coss.py wrote)")
+    rows, bad = read_jsonl(log_path)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for k in ("loss", "global", "local", "global_global", "local_global", "local_local"):
         pts = [(r["step"], r[k]) for r in rows if k in r and "lr" in r]
@@ -1485,6 +1489,9 @@ def plot(run_dir):
     out = os.path.join(run_dir, "curves.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    if bad:
+        print(f"train_coss.py: skipped {bad} unreadable row(s) of {log_path} (a run cut while writing?)",
+              file=sys.stderr)
     return out
 
 
@@ -1528,7 +1535,11 @@ def main(argv=None):
     if threading.current_thread() is threading.main_thread():  # a scheduler's SIGTERM ends a run as Ctrl-C does
         signal.signal(signal.SIGTERM, _terminate)
     if args.plot:
-        print(plot(args.plot))
+        try:
+            print(plot(args.plot))
+        except TrainingError as e:
+            print(f"train_coss.py: error: {e}", file=sys.stderr)
+            return 2
         return 0
     quiet_numba_finalizers()
     t0, cfg = time.perf_counter(), None

@@ -372,3 +372,23 @@ def test_resuming_onto_other_data_is_refused_with_one_line(betons, trained_run, 
                                 f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=auto",
                                 "--optim.epochs=2", *other), "train_coss.py")
     assert "was trained on other data" in line and message in line, line
+
+
+@pytest.mark.timeout(600)
+def test_plot_over_a_cut_log_row_skips_and_counts_it_and_a_missing_log_is_one_line(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "r")
+    with open(tmp_path / "r" / "log.jsonl", "a") as fh:
+        fh.write('{"step": 99, "loss": 1.2, "l')  # a row cut by a crash
+    res = _cli("train_coss.py", "--plot", str(tmp_path / "r"))
+    assert res.returncode == 0 and os.path.getsize(tmp_path / "r" / "curves.png") > 2000, res.stderr[-2000:]
+    assert "skipped 1 unreadable row(s)" in res.stderr and "Traceback" not in res.stderr
+    line = _one_error_line(_cli("train_coss.py", "--plot", str(tmp_path / "nothing")), "train_coss.py")
+    assert "log.jsonl does not exist" in line
+
+
+def test_read_jsonl_skips_and_counts_what_is_not_a_row(tmp_path):
+    from evaluate import read_jsonl
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"step": 1}\n[1, 2]\n\xff\xfe\n{"step": 2}\n{"step": 3, "lo')
+    rows, bad = read_jsonl(str(path))
+    assert [r["step"] for r in rows] == [1, 2] and bad == 3
