@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import sys
 import threading
@@ -267,13 +268,27 @@ def load_init(backbone, path):
     """model.init: torchvision-format weights (a state_dict, or a dict holding one under 'state_dict'/'model') into
     the backbone before the target copies it; the classifier (fc.*) is dropped on purpose, every other key must
     match in name and shape."""
+    if os.path.isdir(path):
+        raise TrainingError(f"model.init: {path} is a folder; give the weights file (for a run of ours: its "
+                            f"backbone.pt)")
     if not os.path.isfile(path):
         raise TrainingError(f"model.init: {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainingError(f"model.init: {path} is not a torch state_dict ({str(e).splitlines()[0][:120]})") \
-            from None
+        try:  # a training checkpoint of ours holds more than tensors, so the safe load refuses it
+            full = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            full = None
+        if isinstance(full, dict) and "online" in full and "config" in full:
+            raise TrainingError(f"model.init: {path} is a training checkpoint of train_coss.py; give its run's "
+                                f"backbone.pt instead") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+        raise TrainingError(f"model.init: {path} is not a torch state_dict "
+                            f"({(first[0] if first else type(e).__name__)[:120]})") from None
+    if isinstance(state, dict) and "online" in state and "config" in state:
+        raise TrainingError(f"model.init: {path} is a training checkpoint of train_coss.py; give its run's "
+                            f"backbone.pt instead")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -281,6 +296,10 @@ def load_init(backbone, path):
         raise TrainingError(f"model.init: {path} holds no state_dict of tensors")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(f"model.init: {path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), "
+                            f"first {bad[0]}")
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -263,3 +263,27 @@ def test_the_version_is_the_same_everywhere():
     changelog = open(os.path.join(REPO, "CHANGELOG.md")).read()
     assert re.search(r"^## (\S+)", changelog, re.M).group(1) == VERSION
     assert os.path.isfile(os.path.join(REPO, "LICENSE"))
+
+
+@pytest.mark.parametrize("what,message", [
+    ("nan", "holds non-finite values (NaN or inf) in 1 tensor(s), first conv1.weight"),
+    ("checkpoint", "is a training checkpoint of train_coss.py; give its run's backbone.pt instead"),
+    ("folder", "is a folder; give the weights file"),
+    ("text", "is not a torch state_dict"),
+])
+def test_a_bad_model_init_is_one_line_naming_the_file(betons, tmp_path, what, message):
+    path = tmp_path / "init.pt"
+    if what == "nan":
+        state = torchvision.models.resnet18(weights=None).state_dict()
+        state["conv1.weight"][0, 0, 0, 0] = float("nan")
+        torch.save(state, path)
+    elif what == "checkpoint":
+        torch.save({"online": {}, "config": {}, "epoch": 1, "step": 4}, path)
+    elif what == "folder":
+        path.mkdir()
+    else:
+        path.write_text("weights: none\n")
+    res = _cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+               "--model.backbone=resnet18", "--model.width=0", f"--model.init={path}")
+    line = _error_line(res, "train_coss.py")
+    assert message in line and str(path) in line and "\x1b[" not in line
