@@ -551,6 +551,10 @@ def _parse_overrides(args):
     return out
 
 
+RENAMED = {}     # old key -> its new name, for keys that moved (a config naming the old one is told the new one)
+RENAMED_IN = {}  # old key -> the version that renamed it
+
+
 def load_config(path=None, overrides=()):
     """Returns a validated fastargs Config: defaults < YAML file < command-line overrides."""
     cfg = new_config()
@@ -558,6 +562,9 @@ def load_config(path=None, overrides=()):
     for source, entries in (("config file", _read_yaml(path) if path else {}),
                             ("command line", _parse_overrides(list(overrides)))):
         for key, value in entries.items():
+            if key not in cfg.entries and ".".join(key) in RENAMED:
+                raise ConfigError(f"{source} key '{'.'.join(key)}' is now '{RENAMED['.'.join(key)]}' (renamed in "
+                                  f"version {RENAMED_IN['.'.join(key)]}); use the new name")
             if key not in cfg.entries:
                 section = key[0]
                 known = sorted(".".join(p) for p in cfg.entries if p[0] == section)

@@ -1153,6 +1153,11 @@ def resume_state(cfg, ckpt_path, data=None):
         defaults["method.pred_out_bn"] = "fixed"  # before 0.7.0 MoCo v3's predictor ended in a fixed BatchNorm
     then = {(section, k): ck["config"].get(section, {}).get(k, defaults[f"{section}.{k}"])
             for section in ("model", "method") for k in now[section]}
+    then_batch = ck["config"].get("optim", {}).get("batch_size")
+    if then_batch not in (None, cfg["optim.batch_size"]):
+        raise TrainingError(f"{ckpt_path} was trained at optim.batch_size={then_batch}, now {cfg['optim.batch_size']}: "
+                            f"the lr, tau and step schedules were laid out in that batch's steps, and another batch "
+                            f"would end them early or late; resume with --optim.batch_size={then_batch}")
     differ = [f"{section}.{k}: {then[section, k]!r} in the checkpoint, {v!r} now"
               for section in ("model", "method") for k, v in now[section].items()
               if then[section, k] != v and f"{section}.{k}" != "model.init"]  # init: step 0's weights only
@@ -1564,7 +1569,8 @@ def main(argv=None):
     t0, cfg = time.perf_counter(), None
     try:
         cfg = load_config(args.config, overrides)
-        if args.print_config:
+        if args.print_config:  # the same refusals the run would give, before printing what it would run
+            check_options(cfg, sys.maxsize, 1)
             print_config(cfg, CONFIG_SECTIONS)
             return 0
         if args.dry_run:

@@ -157,3 +157,15 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, content
     path.write_text(content)
     with pytest.raises(ConfigError, match=f"'{key}' appears twice in one block \\({lines}\\)"):
         load_config(str(path))
+
+
+def test_a_renamed_key_is_refused_naming_its_new_name(tmp_path, monkeypatch):
+    import config
+    monkeypatch.setitem(config.RENAMED, "method.dino_teacher_t", "method.dino_teacher_temp")
+    monkeypatch.setitem(config.RENAMED_IN, "method.dino_teacher_t", "0.7.0")
+    (tmp_path / "old.yaml").write_text("method:\n  dino_teacher_t: 0.05\n")
+    with pytest.raises(ConfigError, match="'method.dino_teacher_t' is now 'method.dino_teacher_temp' \\(renamed in "
+                                          "version 0.7.0\\)"):
+        load_config(str(tmp_path / "old.yaml"))
+    with pytest.raises(ConfigError, match="command line key 'method.dino_teacher_t' is now"):
+        load_config(None, ["--method.dino_teacher_t=0.05"])

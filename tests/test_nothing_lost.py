@@ -392,3 +392,18 @@ def test_read_jsonl_skips_and_counts_what_is_not_a_row(tmp_path):
     path.write_bytes(b'{"step": 1}\n[1, 2]\n\xff\xfe\n{"step": 2}\n{"step": 3, "lo')
     rows, bad = read_jsonl(str(path))
     assert [r["step"] for r in rows] == [1, 2] and bad == 3
+
+
+@pytest.mark.timeout(600)
+def test_resuming_with_another_batch_size_is_refused_with_one_line(betons, trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "r")
+    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+                                f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
+                                "--optim.epochs=2", "--optim.batch_size=8"), "train_coss.py")
+    assert "was trained at optim.batch_size=16, now 8" in line and "--optim.batch_size=16" in line
+
+
+def test_print_config_refuses_what_the_run_refuses():
+    line = _one_error_line(_cli("train_coss.py", "--print-config", "--method.name=byol", "--method.logo=1",
+                                "--method.logo_local_cmax=0.04"), "train_coss.py")
+    assert "not above 0.05" in line
