@@ -289,15 +289,25 @@ class TinyImageNet(ImageFolderTree):
                         raise SourceError(f"{notes}, line {n}: expected 'file<TAB>wnid<TAB>...', got {line.strip()!r}")
                     if fields[1] not in index:
                         raise SourceError(f"{notes}, line {n}: wnid {fields[1]} has no folder in {train_dir}")
-                    wnid_of[fields[0]] = fields[1]
+                    if fields[0] in wnid_of and wnid_of[fields[0]][0] != fields[1]:
+                        first, at = wnid_of[fields[0]]
+                        raise SourceError(f"{notes}: {fields[0]} is annotated twice with different wnids ({first} "
+                                          f"on line {at}, {fields[1]} on line {n})")
+                    wnid_of.setdefault(fields[0], (fields[1], n))
             files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
             images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
             self.ignored = len(files) - len(images)
             unnamed = [f for f in images if f not in wnid_of]
             if unnamed:
                 raise SourceError(f"{len(unnamed)} images of {folder} are not in {notes}, e.g. {unnamed[0]}")
+            present = set(images)
+            absent = [f for f in wnid_of if f not in present]
+            if absent:
+                raise SourceError(f"{len(absent)} images named in {notes} are missing from {folder}, e.g. "
+                                  f"{absent[0]} (line {wnid_of[absent[0]][1]}); a val split missing images would "
+                                  f"report on fewer images than its annotations say")
             self.paths = [os.path.join(folder, f) for f in images]
-            labels = [index[wnid_of[f]] for f in images]
+            labels = [index[wnid_of[f][0]] for f in images]
             if not self.paths:
                 raise SourceError(f"no images in {folder}")
         self.labels = np.asarray(labels, dtype=np.int64)

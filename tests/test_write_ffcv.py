@@ -183,7 +183,10 @@ def test_tiny_imagenet_layout_gives_the_same_labels_in_both_splits(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [("unknown wnid", "has no folder in"), ("unlisted file", "are not in"),
-                                             ("no annotations", "expected Tiny-ImageNet's layout")])
+                                             ("no annotations", "expected Tiny-ImageNet's layout"),
+                                             ("annotated twice", "v0.JPEG is annotated twice with different wnids "
+                                                                 "\\(n01 on line 1, n02 on line 2\\)"),
+                                             ("annotated, absent", "1 images named in .* are missing from")])
 def test_tiny_imagenet_val_that_does_not_match_train_is_refused(tmp_path, damage, message):
     root = tmp_path / "tiny"
     _tiny_imagenet_tree(root, ["n01", "n02"], 1, [("v0.JPEG", "n01")])
@@ -192,6 +195,12 @@ def test_tiny_imagenet_val_that_does_not_match_train_is_refused(tmp_path, damage
             fh.write("v9.JPEG\tn77\t0\t0\t1\t1\n")
     elif damage == "unlisted file":
         save_image(root / "val" / "images" / "v1.JPEG", np.zeros((8, 8, 3), np.uint8), format="PNG")
+    elif damage == "annotated twice":
+        with open(root / "val" / "val_annotations.txt", "a") as fh:
+            fh.write("v0.JPEG\tn02\t0\t0\t1\t1\n")
+    elif damage == "annotated, absent":
+        with open(root / "val" / "val_annotations.txt", "a") as fh:
+            fh.write("v5.JPEG\tn02\t0\t0\t1\t1\n")
     else:
         os.remove(root / "val" / "val_annotations.txt")
     with pytest.raises(SourceError, match=message):
