@@ -1111,9 +1111,10 @@ def check_options(cfg, num_train, world):
     if "/" in run_name or "\\" in run_name or run_name in (".", ".."):
         raise TrainingError(f"training.run_name={run_name!r} must be a plain folder name (no '/'); put the path in "
                             f"training.out_dir")
-    if cfg["training.kernels"] == "triton" and not torch.cuda.is_available():
-        raise TrainingError("training.kernels=triton needs CUDA (the Triton ops run on the GPU); use "
-                            "training.kernels=auto or ref on the CPU")
+    if cfg["training.kernels"] == "triton" and not torch.cuda.is_available() and \
+            os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter runs them on the CPU (the suite does)
+        raise TrainingError("training.kernels=triton needs CUDA (the Triton ops run on the GPU, or on the CPU "
+                            "under TRITON_INTERPRET=1); use training.kernels=auto or ref on the CPU")
     keys = cfg["augment.global_views"] * cfg["optim.batch_size"] * world
     if name == "moco_v2" and cfg["method.queue_size"] < keys:
         raise TrainingError(f"method.queue_size={cfg['method.queue_size']} is smaller than the {keys} keys one step "

@@ -213,7 +213,6 @@ def _cli(*args):
     (["--method.name=byol", "--method.logo=1", "--method.logo_local_cmax=0.04"], "not above 0.05"),
     (["--training.run_name=a/b"], "must be a plain folder name"),
     (["--optim.minutes=1e308"], "bad value for 'optim.minutes'"),
-    *([(["--training.kernels=triton"], "training.kernels=triton needs CUDA")] if not torch.cuda.is_available() else []),
     (["--method.name=simclr", "--method.pred_out_bn=fixed"], "simclr has no predictor"),
     (["--optim.batch_sise=8"], "unknown command line key 'optim.batch_sise'"),
 ])
@@ -514,3 +513,13 @@ def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
     cfg = load_config(None, TINY + [f"--training.out_dir={tmp_path / 'runs'}"])
     with pytest.raises(train_coss.TrainingError, match="is a file, not a folder"):
         train_coss.check_options(cfg, 64, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_triton_kernels_without_cuda_or_the_interpreter_are_one_line(monkeypatch):
+    cfg = load_config(None, TINY + ["--training.kernels=triton"])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(train_coss.TrainingError, match="training.kernels=triton needs CUDA"):
+        train_coss.check_options(cfg, 64, 1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the suite's way of running them on the CPU
+    train_coss.check_options(cfg, 64, 1)
