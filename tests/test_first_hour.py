@@ -85,7 +85,10 @@ def test_a_run_names_its_folder_at_start_and_end_and_gives_an_eta_per_epoch(beto
 def test_ctrl_c_or_sigterm_exits_with_the_command_that_resumes(betons, tmp_path, sig, code, words):
     args = [sys.executable, os.path.join(REPO, "train_coss.py"), *TINY, f"--data.beton_dir={betons / 'betons'}",
             f"--training.out_dir={tmp_path}", "--training.run_name=r", "--optim.epochs=400"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    # a terminal's Ctrl-C reaches a foreground process; when the suite itself runs as a background job of a
+    # non-interactive shell (`make test &`), SIGINT is ignored and that disposition is inherited: restore it
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = tmp_path / "r" / "checkpoint.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
