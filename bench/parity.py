@@ -141,29 +141,40 @@ def reference_model(method, backbone, dim, recipe):
         def forward(self, x):
             return self.net(x)[1]
 
+    class Momentum(nn.Module):
+        """A backbone and projection head with their momentum copies, moved by lightly's update_momentum (the
+        pattern of lightly's BYOL and MoCo examples); subclasses add their heads and loss."""
+
+        def __init__(self, projection_head):
+            super().__init__()
+            self.backbone = Features(backbone)
+            self.projection_head = projection_head
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+            deactivate_requires_grad(self.backbone_momentum)
+            deactivate_requires_grad(self.projection_head_momentum)
+
+        def step_momentum(self):
+            update_momentum(self.backbone, self.backbone_momentum, m=recipe["tau"])
+            update_momentum(self.projection_head, self.projection_head_momentum, m=recipe["tau"])
+
+        @torch.no_grad()
+        def forward_momentum(self, x):
+            return self.projection_head_momentum(self.backbone_momentum(x))
+
     if method == "byol":
-        class BYOL(nn.Module):
+        class BYOL(Momentum):
             def __init__(self):
-                super().__init__()
-                self.backbone = Features(backbone)
-                self.projection_head = BYOLProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"])
+                super().__init__(BYOLProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"]))
                 self.prediction_head = BYOLPredictionHead(recipe["proj_dim"], recipe["pred_hidden"],
                                                           recipe["proj_dim"])
-                self.backbone_momentum = copy.deepcopy(self.backbone)
-                self.projection_head_momentum = copy.deepcopy(self.projection_head)
-                deactivate_requires_grad(self.backbone_momentum)
-                deactivate_requires_grad(self.projection_head_momentum)
                 self.criterion = NegativeCosineSimilarity()
 
             def forward(self, x):
                 return self.prediction_head(self.projection_head(self.backbone(x)))
 
-            def forward_momentum(self, x):
-                return self.projection_head_momentum(self.backbone_momentum(x)).detach()
-
             def training_loss(self, x0, x1, step):
-                update_momentum(self.backbone, self.backbone_momentum, m=recipe["tau"])
-                update_momentum(self.projection_head, self.projection_head_momentum, m=recipe["tau"])
+                self.step_momentum()
                 p0, p1 = self(x0), self(x1)
                 z0, z1 = self.forward_momentum(x0), self.forward_momentum(x1)
                 return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
@@ -175,50 +186,34 @@ def reference_model(method, backbone, dim, recipe):
             logits = q @ k.T / recipe["temperature"]
             return 2 * recipe["temperature"] * F.cross_entropy(logits, torch.arange(len(q)))
 
-        class MoCoV3(nn.Module):
+        class MoCoV3(Momentum):
             def __init__(self):
-                super().__init__()
                 hidden, out = recipe["proj_hidden"], recipe["proj_dim"]
-                self.backbone = Features(backbone)
-                self.projection_head = ProjectionHead([(dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU()),
-                                                       (hidden, out, nn.BatchNorm1d(out, affine=False), None)])
+                super().__init__(ProjectionHead([(dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU()),
+                                                 (hidden, out, nn.BatchNorm1d(out, affine=False), None)]))
                 self.prediction_head = BYOLPredictionHead(out, recipe["pred_hidden"], out)
-                self.backbone_momentum = copy.deepcopy(self.backbone)
-                self.projection_head_momentum = copy.deepcopy(self.projection_head)
-                deactivate_requires_grad(self.backbone_momentum)
-                deactivate_requires_grad(self.projection_head_momentum)
 
             def training_loss(self, x0, x1, step):
-                update_momentum(self.backbone, self.backbone_momentum, m=recipe["tau"])
-                update_momentum(self.projection_head, self.projection_head_momentum, m=recipe["tau"])
+                self.step_momentum()
                 q0, q1 = (self.prediction_head(self.projection_head(self.backbone(x))) for x in (x0, x1))
-                with torch.no_grad():
-                    k0, k1 = (self.projection_head_momentum(self.backbone_momentum(x)) for x in (x0, x1))
+                k0, k1 = self.forward_momentum(x0), self.forward_momentum(x1)
                 return ctr(q0, k1) + ctr(q1, k0)
         return MoCoV3()
 
     if method == "moco_v2":
         from lightly.models.modules.heads import MoCoProjectionHead
 
-        class MoCoV2(nn.Module):
+        class MoCoV2(Momentum):
             def __init__(self):
-                super().__init__()
-                self.backbone = Features(backbone)
-                self.projection_head = MoCoProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"])
-                self.backbone_momentum = copy.deepcopy(self.backbone)
-                self.projection_head_momentum = copy.deepcopy(self.projection_head)
-                deactivate_requires_grad(self.backbone_momentum)
-                deactivate_requires_grad(self.projection_head_momentum)
+                super().__init__(MoCoProjectionHead(dim, recipe["proj_hidden"], recipe["proj_dim"]))
                 self.criteria = nn.ModuleList(  # one memory bank per view, as solo-learn's MoCo V2+
                     NTXentLoss(temperature=recipe["temperature"], memory_bank_size=(recipe["queue"], recipe["proj_dim"]))
                     for _ in range(2))
 
             def training_loss(self, x0, x1, step):
-                update_momentum(self.backbone, self.backbone_momentum, m=recipe["tau"])
-                update_momentum(self.projection_head, self.projection_head_momentum, m=recipe["tau"])
+                self.step_momentum()
                 q0, q1 = (self.projection_head(self.backbone(x)) for x in (x0, x1))
-                with torch.no_grad():
-                    k0, k1 = (self.projection_head_momentum(self.backbone_momentum(x)) for x in (x0, x1))
+                k0, k1 = self.forward_momentum(x0), self.forward_momentum(x1)
                 return 0.5 * (self.criteria[0](q0, k1) + self.criteria[1](q1, k0))
         return MoCoV2()
 
