@@ -124,6 +124,38 @@ def rf_centre(layout):
     return offset, jump
 
 
+def _size_ops(layout):
+    """Every convolution and pooling along the main path as (kernel, stride, padding), in order."""
+    layout.validate()
+    if layout.stem == "bagnet":
+        ops = [(1, 1, 0), (3, 1, 0)]
+    else:
+        k, s = _stem_ops(replace(layout, maxpool=False))[0]
+        ops = [(k, s, k // 2)]
+    if layout.maxpool:
+        ops.append((3, 2, 1))
+    for stride, blocks in zip(layout.strides, layout.spatial_blocks()):
+        for b, spatial in enumerate(blocks):
+            ops += [(k, s, k // 2 if layout.padding == "same" else 0)
+                    for k, s in _block_ops(layout, stride if b == 0 else 1, spatial)]
+    return ops
+
+
+def feature_side(layout, side):
+    """Side of the final feature map for a side x side input, or 0 when the input is too small for the network
+    (an unpadded kernel larger than what is left of it: BagNet's 'valid' blocks)."""
+    for k, s, pad in _size_ops(layout):
+        if side + 2 * pad < k:
+            return 0
+        side = (side + 2 * pad - k) // s + 1
+    return side
+
+
+def min_input_side(layout):
+    """The smallest input side the network accepts (1 for padded networks; BagNet-33 needs its receptive field)."""
+    return next(n for n in range(1, 1 << 16) if feature_side(layout, n) >= 1)
+
+
 def output_stride(layout):
     jump = 1
     for _, s in _stem_ops(layout):

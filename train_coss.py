@@ -42,7 +42,7 @@ from losses import (cosine_distance, cross_view_info_nce, dino_center_update, di
                     multicrop_moco_v2, multicrop_moco_v3, multicrop_nt_xent)
 from models import (BYOL_FAMILY, DINO_FAMILY, MOCO_V2, MOCO_V3_FAMILY, TARGET_FAMILY, NormedLinear, SSLNet,
                     TargetNet, affinity_mlp)
-from rf_resnet import build_backbone, memory_format
+from rf_resnet import build_backbone, get_layout, memory_format, min_input_side
 from write_ffcv import BetonError, quiet_numba_finalizers
 
 DEMO_CONFIG = "configs/fmnist.yaml"
@@ -1105,6 +1105,7 @@ def check_options(cfg, num_train, world):
     if cfg["method.logo"] and cfg["method.logo_local_cmax"] <= 0.05:
         raise TrainingError(f"method.logo_local_cmax={cfg['method.logo_local_cmax']} is not above 0.05, LoGo's "
                             f"smallest local crop scale (its local crops take scale (0.05, logo_local_cmax))")
+    check_view_sizes(cfg)
     out_dir, run_name = cfg["training.out_dir"], cfg["training.run_name"]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TrainingError(f"training.out_dir={out_dir} is a file, not a folder; give a folder for the runs")
@@ -1123,6 +1124,25 @@ def check_options(cfg, num_train, world):
     if cfg["optim.batch_size"] * world > num_train:
         raise TrainingError(f"batch of {cfg['optim.batch_size']} x {world} process(es) is larger than the "
                             f"{num_train} training images")
+
+
+def check_view_sizes(cfg):
+    """Every view the run makes (global, the resolution ramp's start, multi-crop's and LoGo's local views, and the
+    evaluation's centre crops at augment.res) must be large enough for the backbone: BagNet's unpadded
+    convolutions need at least its receptive field (33 px); smaller views would fail inside the first forward."""
+    layout = get_layout(cfg["model.backbone"])
+    need = min_input_side(layout)
+    views = [("augment.res", cfg["augment.res"]), ("augment.res_start", cfg["augment.res_start"])]
+    if cfg["augment.local_views"]:
+        views.append(("augment.local_res", cfg["augment.local_res"]))
+    if cfg["method.logo"]:
+        views.append(("method.logo_local_res", cfg["method.logo_local_res"]))
+    small = [f"{key}={res}" for key, res in views if res and res < need]
+    if small:
+        raise TrainingError(f"model.backbone={cfg['model.backbone']} needs views of at least {need} px (its unpadded "
+                            f"convolutions leave nothing of a smaller one), but {' and '.join(small)}; raise "
+                            f"{'them' if len(small) > 1 else 'it'} to {need} or more, or choose a padded backbone "
+                            f"(python rf_resnet.py --list)")
 
 
 DATA_KEYS = ("source", "root", "name", "class_list", "image_size", "synthetic_images", "synthetic_classes",

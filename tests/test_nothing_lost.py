@@ -407,3 +407,17 @@ def test_print_config_refuses_what_the_run_refuses():
     line = _one_error_line(_cli("train_coss.py", "--print-config", "--method.name=byol", "--method.logo=1",
                                 "--method.logo_local_cmax=0.04"), "train_coss.py")
     assert "not above 0.05" in line
+
+
+@pytest.mark.parametrize("extra,key", [(["--augment.res=16"], "augment.res=16"),
+                                       (["--augment.res=48", "--augment.local_views=2", "--augment.local_res=8"],
+                                        "augment.local_res=8"),
+                                       (["--augment.res=48", "--method.logo=1", "--method.logo_local_res=16"],
+                                        "method.logo_local_res=16")])
+def test_views_too_small_for_the_backbone_are_one_line(betons, tmp_path, extra, key):
+    """BagNet-33's unpadded convolutions fail inside the first forward on views under 33 px (global, multi-crop's
+    local or LoGo's local): refused before any work, naming the key and the size it needs."""
+    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+                                f"--training.out_dir={tmp_path}", "--model.backbone=bagnet33", "--method.name=byol",
+                                *extra), "train_coss.py")
+    assert "needs views of at least 33 px" in line and key in line

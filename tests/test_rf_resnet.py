@@ -11,7 +11,7 @@ import torchvision
 
 from conftest import REPO
 from rf_resnet import (PRESETS, Layout, RFResNet, build_backbone, count_flops, export_torchvision_state_dict,
-                       get_layout, output_stride, rf_size)
+                       feature_side, get_layout, min_input_side, output_stride, rf_size)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
@@ -103,6 +103,31 @@ def test_receptive_field_equals_gradient_footprint(name, layout):
     rf, stride = rf_size(layout), output_stride(layout)
     size = rf + 4 * stride + 3  # the central location's RF lies strictly inside
     _check_square(gradient_support(layout, size), rf)
+
+
+@pytest.mark.parametrize("name,layout", CASES, ids=[c[0] for c in CASES])
+def test_feature_side_and_min_input_side_equal_what_the_network_does(name, layout):
+    """The analytic sizes the trainer's view-size check relies on, against forwards of the real module on either
+    side of the smallest accepted input (a too small input makes the network raise)."""
+    from dataclasses import replace
+    layout = replace(layout, width=4)
+    net = RFResNet(layout).eval()
+    need = min_input_side(layout)
+    for side in sorted({need - 1, need, need + 1, need + 5, 37}):
+        if side < 1:
+            continue
+        try:
+            with torch.no_grad():
+                got = net(torch.zeros(1, 3, side, side))[0].shape[-1]
+        except RuntimeError:
+            got = 0
+        assert got == feature_side(layout, side), (side, got)
+    assert feature_side(layout, need) >= 1 and (need == 1 or feature_side(layout, need - 1) == 0)
+
+
+def test_bagnet_needs_its_receptive_field_and_padded_networks_take_any_size():
+    assert min_input_side(PRESETS["bagnet33"]) == 33 and feature_side(PRESETS["bagnet33"], 224) == 24
+    assert min_input_side(PRESETS["resnet18"]) == 1 and feature_side(PRESETS["resnet50"], 224) == 7
 
 
 def test_named_receptive_fields():
