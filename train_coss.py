@@ -13,12 +13,14 @@ Every run folder holds params.json (resolved config), env.json (versions, device
 TensorBoard scalars (tb/) and checkpoint.pt (atomic; the last good one survives a crash or a NaN).
 """
 import argparse
+import io
 import json
 import math
 import os
 import platform
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -51,6 +53,11 @@ CONFIG_SECTIONS = ("data", "model", "method", "augment", "optim", "training", "e
 
 class TrainingError(RuntimeError):
     """Stops a run with one line for the user (bad input, NaN loss)."""
+
+
+class CheckpointWriteError(TrainingError):
+    """The disk refused a checkpoint (full, quota, file size limit): the previous checkpoint stays, and the last
+    line says how to resume once there is room."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1034,10 +1041,24 @@ def save_checkpoint(path, state, when):
     if bad:
         raise TrainingError(f"NaN/inf in {len(bad)} tensors of the state {when} (e.g. {', '.join(bad[:3])}); "
                             f"not saved: {kept_checkpoint(path)}")
+    buf = io.BytesIO()
+    torch.save(state, buf)  # serialised in memory first: a failing disk then raises a plain OSError with its errno
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            free = f", {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise CheckpointWriteError(f"could not write the checkpoint {when} ({e.strerror or e}; it needs "
+                            f"{buf.getbuffer().nbytes / 2**20:.0f} MiB{free}); the previous one is untouched: "
+                            f"{kept_checkpoint(path)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1599,6 +1620,11 @@ def main(argv=None):
             dry_run(cfg, args.dry_run_processes)
             return 0
         results = train(cfg)
+    except CheckpointWriteError as e:
+        hint = resume_hint(cfg, argv)
+        then = hint.split("; ")[-1] if "resume with: " in hint else "start the run again"
+        print(f"train_coss.py: error: {e}; once there is room, {then}", file=sys.stderr)
+        return 2
     except (ConfigError, TrainingError, BetonError) as e:
         print(f"train_coss.py: error: {e}", file=sys.stderr)
         return 2

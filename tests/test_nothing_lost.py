@@ -421,3 +421,75 @@ def test_views_too_small_for_the_backbone_are_one_line(betons, tmp_path, extra, 
                                 f"--training.out_dir={tmp_path}", "--model.backbone=bagnet33", "--method.name=byol",
                                 *extra), "train_coss.py")
     assert "needs views of at least 33 px" in line and key in line
+
+
+def test_a_checkpoint_the_disk_refuses_keeps_the_previous_one_in_process(betons, tmp_path, monkeypatch):
+    """ENOSPC while the second checkpoint is written (after half of it): one TrainingError naming the errno, the
+    size needed and the kept checkpoint, which is byte-for-byte the first one; no temporary file is left."""
+    import builtins
+    import errno
+    cfg = tiny_cfg(betons, tmp_path, "--training.run_name=r", "--optim.epochs=3")
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    real_save, real_open, seen = train_coss.save_checkpoint, builtins.open, {}
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(bytes(data)[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def save(path, state, when):
+        seen["calls"] = seen.get("calls", 0) + 1
+        if seen["calls"] == 2:
+            seen["before"] = ckpt.read_bytes()
+            monkeypatch.setattr(builtins, "open", lambda p, *a, **k: FullDisk(real_open(p, *a, **k))
+                                if ".tmp-" in str(p) else real_open(p, *a, **k))
+        try:
+            return real_save(path, state, when)
+        finally:
+            monkeypatch.setattr(builtins, "open", real_open)
+
+    monkeypatch.setattr(train_coss, "save_checkpoint", save)
+    with pytest.raises(train_coss.CheckpointWriteError) as e:
+        train(cfg, log=quiet)
+    msg = str(e.value)
+    assert "No space left on device" in msg and "MiB" in msg and "previous one is untouched" in msg, msg
+    assert ckpt.read_bytes() == seen["before"]
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 1
+    assert not [p for p in os.listdir(ckpt.parent) if ".tmp-" in p]
+
+
+def test_a_real_write_failure_is_one_line_with_the_resume_command_and_the_run_resumes(betons, tmp_path):
+    """The trainer as users run it, where the OS refuses the second checkpoint's bytes (a file-size limit set
+    after the first, RLIMIT_FSIZE: the kernel's EFBIG in the real write path, as ENOSPC would come); exit 2 with
+    one line, the first checkpoint intact, and the printed resume command finishes the run."""
+    code = ("import resource, signal, sys; sys.argv[0] = 'train_coss.py'; import train_coss\n"
+            "real, calls = train_coss.save_checkpoint, []\n"
+            "def save(path, state, when):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 2:\n"
+            "        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+            "    return real(path, state, when)\n"
+            "train_coss.save_checkpoint = save\n"
+            "code = train_coss.main(sys.argv[1:]); sys.stderr.flush(); train_coss.os._exit(code)\n")
+    args = [*TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+            "--training.run_name=r", "--optim.epochs=3"]
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    line = _one_error_line(res, "train_coss.py")
+    assert "could not write the checkpoint after epoch 1" in line and "File too large" in line, line
+    assert "once there is room, resume with: python train_coss.py" in line and "--training.resume=1" in line, line
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 1
+    assert not [p for p in os.listdir(ckpt.parent) if ".tmp-" in p]
+    resume = line.split("resume with: python train_coss.py ")[1].split()
+    _quiet_stderr(_cli("train_coss.py", *resume))
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 3
