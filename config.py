@@ -132,6 +132,20 @@ class Text(Checker):
         return "a string"
 
 
+class Backbone(Text):
+    """A preset name of rf_resnet.py (read there, so a new preset needs no change here)."""
+
+    def check(self, value):
+        from rf_resnet import PRESETS
+        if str(super().check(value)) not in PRESETS:
+            raise ValueError(value)
+        return str(value)
+
+    def help(self):
+        from rf_resnet import PRESETS
+        return "a backbone preset: " + "/".join(PRESETS) + " (python rf_resnet.py --list)"
+
+
 class FloatList(Checker):
     """Comma-separated numbers (YAML may also give a list), each in [min, max]."""
 
@@ -237,7 +251,7 @@ def _declare(cfg):
 
     # ---- trainer (train_coss.py). Defaults: the CPU demo on Fashion-MNIST (CO-BYOL, width-16 ResNet-18, 32 px).
     _section(cfg, "model", "Backbone").params(
-        backbone=Param(Text(), "preset of rf_resnet.py (python rf_resnet.py --list)", default="resnet18_w16_cifar"),
+        backbone=Param(Backbone(), "preset of rf_resnet.py (python rf_resnet.py --list)", default="resnet18_w16_cifar"),
         width=Param(StrictInt(0), "stage-1 channels; 0 = the preset's", default=0),
         init=Param(Text(), "start the backbone from this torchvision-format state_dict (.pt; its fc.* keys are "
                    "dropped, every other key must match); empty = random init", default=""),
@@ -464,13 +478,25 @@ def _flatten(tree, prefix=()):
         if isinstance(value, dict):
             if not value:
                 raise ConfigError(f"config key '{'.'.join(path)}' is an empty section")
-            out.update(_flatten(value, path))
+            inner = _flatten(value, path)
+            twice = sorted(set(inner) & set(out))
+            if twice:
+                raise ConfigError(_twice(twice[0]))
+            out.update(inner)
         elif len(path) == 1 and path[0] in {k[0] for k in new_config().entries}:
             raise ConfigError(f"config key '{path[0]}' must be a section holding 'key: value' lines (for example "
                               f"'{path[0]}:' then '  {_example_key(path[0])}: ...' on the next line), not {value!r}")
         else:
+            if path in out:
+                raise ConfigError(_twice(path))
             out[path] = value
     return out
+
+
+def _twice(path):
+    dotted = ".".join(path)
+    return (f"config key '{dotted}' is given twice (as '{dotted}:' and inside a '{path[0]}:' block, or in two "
+            f"spellings); keep one")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

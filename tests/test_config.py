@@ -159,6 +159,26 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, content
         load_config(str(path))
 
 
+@pytest.mark.parametrize("content", ["method.name: dino\nmethod:\n  name: byol\n",
+                                     "method:\n  name: byol\nmethod.name: dino\n"])
+def test_a_key_given_as_section_dot_key_beside_its_block_is_refused(tmp_path, content):
+    """`method.name:` and a `method:` block that also sets name used to merge silently, the later one kept (found
+    by the property test)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="'method.name' is given twice"):
+        load_config(str(path))
+    path.write_text("method.w_s: 0.3\nmethod:\n  name: byol\n")  # two different keys of one section: fine
+    cfg = load_config(str(path))
+    assert cfg["method.w_s"] == 0.3 and cfg["method.name"] == "byol"
+
+
+def test_an_unknown_backbone_is_a_bad_value_naming_the_presets():
+    """It used to pass the config and end in rf_resnet's ValueError traceback (found by the property test)."""
+    with pytest.raises(ConfigError, match="bad value for 'model.backbone': 'resnet19' .*resnet18/.*bagnet33"):
+        load_config(None, ["--model.backbone=resnet19"])
+
+
 def test_a_renamed_key_is_refused_naming_its_new_name(tmp_path, monkeypatch):
     import config
     monkeypatch.setitem(config.RENAMED, "method.dino_teacher_t", "method.dino_teacher_temp")
