@@ -146,6 +146,20 @@ class Backbone(Text):
         return "a backbone preset: " + "/".join(PRESETS) + " (python rf_resnet.py --list)"
 
 
+class MethodName(Text):
+    """A method of the registry (methods/; read there, so a new method module needs no change here)."""
+
+    def check(self, value):
+        from methods import NAMES
+        if str(super().check(value)) not in NAMES:
+            raise ValueError(value)
+        return str(value)
+
+    def help(self):
+        from methods import NAMES
+        return "one of " + "/".join(NAMES)
+
+
 class FloatList(Checker):
     """Comma-separated numbers (YAML may also give a list), each in [min, max]."""
 
@@ -257,17 +271,11 @@ def _declare(cfg):
                    "dropped, every other key must match); empty = random init", default=""),
     )
     _section(cfg, "method", "SSL method and heads").params(
-        name=Param(Choice("byol", "co_byol", "simclr", "co_simclr", "moco_v3", "co_moco_v3", "dino", "co_dino",
-                          "moco_v2"),
-                   "the method (exact formulas: losses.py's table; ImageNet-100 recipes: configs/in100*.yaml). byol: "
-                   "online prediction regresses the EMA target's projection of the other view; simclr: NT-Xent "
-                   "over both views of the batch; moco_v3: InfoNCE of predictions against the other view's momentum "
-                   "keys (2T-scaled, symmetric); dino: student softmax against the EMA teacher's centred, sharpened "
-                   "softmax over prototypes; moco_v2: InfoNCE against the momentum key and a queue of earlier keys "
-                   "(with method.logo=1: LoGo on its own base). co_byol, co_simclr, co_moco_v3, co_dino: plus every "
-                   "location of the feature "
-                   "map, through 1x1 local heads, matched with the other view's global target in that method's "
-                   "way, mixed with w_s", default="co_byol"),
+        name=Param(MethodName(), "the method, from the registry (methods/; python train_coss.py --methods lists "
+                   "each with its paper and terms; exact formulas: losses.py's table; ImageNet-100 recipes: "
+                   "configs/in100*.yaml). A co_ method is its base plus the local term: every location of the "
+                   "feature map, through 1x1 local heads, matched with the other view's global target in that "
+                   "method's way, mixed with w_s", default="co_byol"),
         logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
         w_s=Param(StrictFloat(0.0), "weight of the local term (0.2: the CPU demo; in100 configs: 0.5)",
                   default=0.2),
@@ -369,8 +377,10 @@ def _declare(cfg):
         tau_schedule=Param(Choice("cosine", "constant"), "cosine: tau rises to 1 over the run (BYOL, MoCo v3, "
                            "DINO); constant: tau throughout (MoCo v2)", default="cosine"),
         probe_lr=Param(StrictFloat(0.0), "online linear probe: SGD lr", default=0.1),
-        predictor_lr_mult=Param(StrictFloat(0.0), "lr multiplier of the BYOL predictors (global and local)",
+        predictor_lr_mult=Param(StrictFloat(0.0), "lr multiplier of the predictors (global and local)",
                                 default=1.0),
+        fix_pred_lr=Param(StrictBool(), "the predictors keep the peak lr (after the warm-up) instead of following "
+                          "the schedule: SimSiam's fix_pred_lr", default=False),
     )
     _section(cfg, "training", "Run control").params(
         seed=Param(StrictInt(0), "seed of weights, loader order, augmentations and the train_images subset",

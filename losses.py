@@ -20,6 +20,9 @@ Notation: B images on this rank, N on all ranks, L locations per view, D embeddi
               after each step c <- m c + (1 - m) mean of the teacher's global logits over all ranks and views
   CO-DINO     L_l = 1/|P_G| sum_{(v,g) in P_G} mean_{b,l} H(sg t_g[b], S_v[b,l]): every location's student
               distribution (local heads) against the teacher's centred, sharpened global one of the other view
+  SimSiam     D(p, z) = -cos(p, sg z), p = predictor(projector(y)), z = projector(y), the same network on both
+              views (no EMA); L_g = D(p1, z2)/2 + D(p2, z1)/2 (multi-crop: the mean over P). LoGo on it:
+              L_lg = sum over the 2 local x 2 global crops of D(p_local, z_global)
   MoCo v2     nce(q, k) = CE([<q, k>, <q, n_1>, ..., <q, n_K>] / T, label 0), unit vectors, k = the same image's
               momentum key (sg), n_j the queue of earlier steps' keys (all ranks); symmetrised:
               L_g = (nce(q1, k2) + nce(q2, k1)) / 2 (multi-crop: the mean over P); then both views' keys enter the
@@ -141,6 +144,20 @@ def multicrop_byol(preds, targets):
     pairs = crop_pairs(len(targets), len(preds))
     _check_views("preds", list(preds) + list(targets), 2)
     return (2 / len(pairs)) * sum(cosine_distance(preds[v], targets[g]).mean() for v, g in pairs)
+
+
+def simsiam_distance(p, z):
+    """SimSiam's D(p, z) = -cos(p, sg z), mean over the batch ([B, D] each)."""
+    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+
+
+def simsiam_loss(preds, projections):
+    """SimSiam (Chen & He 2021, Algorithm 1) with multi-crop. preds: the V views' predictions [B, D] (global views
+    first); projections: the G global views' projections [B, D], gradient stopped here. D(p, z) = -cos(p, sg z);
+    1/|P| sum over the pairs, i.e. D(p1, z2)/2 + D(p2, z1)/2 when V = G = 2."""
+    pairs = crop_pairs(len(projections), len(preds))
+    _check_views("preds", list(preds) + list(projections), 2)
+    return sum(simsiam_distance(preds[v], projections[g]) for v, g in pairs) / len(pairs)
 
 
 def multicrop_local_regression(P, targets, backend="auto"):
@@ -362,15 +379,10 @@ def logo_affinity_losses(affinity, zl1, zl2, noise=None):
         raise ValueError(f"logo_affinity_losses needs two equal [B>=2, D] batches, got {tuple(zl1.shape)}, "
                          f"{tuple(zl2.shape)}")
     u1, u2 = F.normalize(zl1, dim=1), F.normalize(zl2, dim=1)
-    params = list(affinity.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        encoder_term = F.softplus(affinity(torch.cat([u1, u2], dim=1))).mean()
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+    # f_d with its parameters detached (a functional call, not requires_grad_ toggles: those split the compiled
+    # graph): the encoder's gradient flows through f_d's input only
+    frozen = {name: p.detach() for name, p in affinity.named_parameters()}
+    encoder_term = F.softplus(torch.func.functional_call(affinity, frozen, (torch.cat([u1, u2], dim=1),))).mean()
     a, b = u1.detach(), u2.detach()
     na, nb = (noise[0].to(a.dtype), noise[1].to(a.dtype)) if noise is not None else (0.0, 0.0)
     positive = affinity(torch.cat([torch.cat([a + na, b + nb], dim=1), torch.cat([b + nb, a + na], dim=1)]))

@@ -1,5 +1,5 @@
 """The CO-SSL networks around a backbone: global projector/predictor, local (1x1) heads, EMA target, LoGo's
-affinity MLP. Plain arguments, no config: train_coss.py builds them.
+affinity MLP. Plain arguments, no config: methods/ builds them.
 
 Shapes (B images, C backbone channels, h x w map, L = h*w or n*n locations, D = proj_dim):
   backbone(x)            -> F [B, C, h, w], y [B, C]
@@ -13,14 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BYOL_FAMILY = ("byol", "co_byol")
-SIMCLR_FAMILY = ("simclr", "co_simclr")
-MOCO_V3_FAMILY = ("moco_v3", "co_moco_v3")
-DINO_FAMILY = ("dino", "co_dino")
-MOCO_V2 = ("moco_v2",)
-MOMENTUM_FAMILY = BYOL_FAMILY + MOCO_V3_FAMILY  # a momentum (EMA) target and a predictor on the online side
-TARGET_FAMILY = MOMENTUM_FAMILY + DINO_FAMILY + MOCO_V2  # an EMA target (no predictor for DINO and MoCo v2)
-METHODS = BYOL_FAMILY + SIMCLR_FAMILY + MOCO_V3_FAMILY + DINO_FAMILY + MOCO_V2
 
 
 def moco_v2_head(dim_in, hidden, dim_out):
@@ -94,35 +86,21 @@ def _out_bn(last_bn):
 
 
 class SSLNet(nn.Module):
-    def __init__(self, backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden, local_grid=0,
-                 local_layer="last", dino_out_dim=4096, proj_out_bn="auto", pred_out_bn="auto"):
+    """A backbone and the heads a method declares (methods.build_net builds it): projector, predictor (or None),
+    and for a CO variant the local projector and predictor, 1x1 convolutions over the feature map."""
+
+    def __init__(self, backbone, method, projector, predictor=None, local_projector=None, local_predictor=None,
+                 local_grid=0, map_stage=None):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
-        if local_layer not in ("last", "previous"):
-            raise ValueError(f"local_layer must be 'last' or 'previous', got {local_layer!r}")
         self.method, self.local_grid = method, local_grid
         # where the local representations come from: the last stage's map, or the stage before it (the paper's
         # appendix studies intermediate layers); the global branch always pools the last stage
-        self.map_stage = backbone.num_stages - 1 if local_layer == "previous" else None
+        self.map_stage = map_stage
         self.backbone = backbone
-        C = backbone.num_features
-        moco = method in MOCO_V3_FAMILY  # MoCo v3's projector ends in a BatchNorm without affine parameters
-        dino = method in DINO_FAMILY     # DINO: the head ends in out_dim prototypes (z: logits)
-        if proj_out_bn != "auto" and (dino or method in MOCO_V2):
-            raise ValueError(f"proj_out_bn={proj_out_bn!r}: {method}'s head has its own form; leave it 'auto'")
-        out_bn = ("fixed" if moco else "none") if proj_out_bn == "auto" else proj_out_bn
-        self.projector = DINOHead(C, proj_hidden, proj_dim, dino_out_dim) if dino else \
-            moco_v2_head(C, proj_hidden, proj_dim) if method in MOCO_V2 else mlp(C, proj_hidden, proj_dim, out_bn)
-        pred_bn = "none" if pred_out_bn == "auto" else pred_out_bn  # MoCo v3's ResNet predictor: no output BN
-        self.predictor = mlp(proj_dim, pred_hidden, proj_dim, pred_bn) if method in MOMENTUM_FAMILY else None
-        self.has_local = method.startswith("co_")
+        self.projector, self.predictor = projector, predictor
+        self.has_local = local_projector is not None
         if self.has_local:
-            C_local = backbone.stage_channels(self.map_stage) if self.map_stage else C
-            self.local_projector = DINOHead(C_local, local_hidden, proj_dim, dino_out_dim, local=True) if dino \
-                else local_mlp(C_local, local_hidden, proj_dim, out_bn)
-            self.local_predictor = local_mlp(proj_dim, local_hidden, proj_dim, pred_bn) \
-                if method in MOMENTUM_FAMILY else None
+            self.local_projector, self.local_predictor = local_projector, local_predictor
 
     def forward(self, x, local=True):
         """Returns dict: y (pooled features), z (projection), p (prediction, BYOL family), P (local, [B, L, D])."""

@@ -38,12 +38,10 @@ from augment import ViewAugment
 from config import VERSION as __version__
 from config import ConfigError, as_dict, help_text, load_config, print_config
 from evaluate import CheckpointError, evaluate, nonfinite_tensors, read_checkpoint
-from losses import (cosine_distance, cross_view_info_nce, dino_center_update, dino_local_loss, dino_loss,
-                    dino_teacher_temp, ema_update, enqueue, logo_affinity_losses, mix, multicrop_byol,
-                    multicrop_local_info_nce, multicrop_local_key_info_nce, multicrop_local_regression,
-                    multicrop_moco_v2, multicrop_moco_v3, multicrop_nt_xent)
-from models import (BYOL_FAMILY, DINO_FAMILY, MOCO_V2, MOCO_V3_FAMILY, TARGET_FAMILY, NormedLinear, SSLNet,
-                    TargetNet, affinity_mlp)
+import methods
+from losses import ema_update, logo_affinity_losses, mix
+from methods import MethodError, forward_views, pack_views
+from models import TargetNet, affinity_mlp
 from rf_resnet import build_backbone, get_layout, memory_format, min_input_side
 from write_ffcv import BetonError, quiet_numba_finalizers
 
@@ -76,39 +74,6 @@ def setup_distributed(device_pref):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
-
-
-class _GatherRows(torch.autograd.Function):
-    """all_gather with a backward (torch.distributed.nn.functional.all_gather does this too, but warns that it is
-    deprecated): forward concatenates every rank's rows; backward sums the gradient of the whole gathered tensor over
-    ranks and hands each rank the rows of its own input."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on every rank's rows
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
-
-def gather_with_grad(x):
-    """All ranks' rows of x, concatenated in rank order, with gradient flowing back to each rank's rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherRows.apply(x)
-
-
-def gather_views(xs):
-    """Every rank's rows of each view in xs (gather_with_grad), and this rank's first row in them."""
-    gathered = [gather_with_grad(x) for x in xs]
-    offset = dist.get_rank() * xs[0].shape[0] if gathered[0].shape[0] != xs[0].shape[0] else 0
-    return gathered, offset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,11 +219,11 @@ def build_model(cfg, num_classes, device, init=True):
     backbone = build_backbone(cfg["model.backbone"], **({"width": width} if width else {}))
     if cfg["model.init"] and init:
         load_init(backbone, cfg["model.init"])
-    online = SSLNet(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
+    online = methods.build_net(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
                     cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"],
                     cfg["method.local_layer"], cfg["method.dino_out_dim"], cfg["method.proj_out_bn"],
                     cfg["method.pred_out_bn"])
-    target = TargetNet(online) if cfg["method.name"] in TARGET_FAMILY else None
+    target = TargetNet(online) if methods.get(cfg["method.name"]).ema_target else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
     if cfg["training.sync_bn"] and device.type == "cuda":  # as the references: the online and target networks
@@ -314,9 +279,10 @@ def load_init(backbone, path):
         raise TrainingError(f"model.init: {path} does not fit model.backbone ({detail[:300]})") from None
 
 
-def param_groups(model, weight_decay, predictor_lr_mult=1.0):
+def param_groups(model, weight_decay, predictor_lr_mult=1.0, fix_pred_lr=False):
     """LARS groups: weight decay and trust-ratio adaptation on conv/linear weights only (not biases or norms); the
-    BYOL predictors' groups get lr x predictor_lr_mult (a faster predictor speeds up short BYOL runs)."""
+    predictors' groups get lr x predictor_lr_mult (a faster predictor speeds up short BYOL runs), and with
+    fix_pred_lr the peak lr at every step after the warm-up (SimSiam's fix_pred_lr)."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -324,7 +290,8 @@ def param_groups(model, weight_decay, predictor_lr_mult=1.0):
             groups.setdefault((p.ndim > 1, pred), []).append(p)
     order = [(True, False), (False, False), (True, True), (False, True)]  # decayed first, predictors last
     return [{"params": groups[(lars, pred)], "weight_decay": weight_decay if lars else 0.0, "lars": lars,
-             "lr_mult": predictor_lr_mult if pred else 1.0} for lars, pred in order if (lars, pred) in groups]
+             "lr_mult": predictor_lr_mult if pred else 1.0, "fixed": fix_pred_lr and pred}
+            for lars, pred in order if (lars, pred) in groups]
 
 
 class LARS(torch.optim.Optimizer):
@@ -435,7 +402,7 @@ def scale_lines(cfg, world, device):
 
 def build_optimizer(cfg, online, peak_lr):
     """optim.optimizer over param_groups (AdamW ignores the groups' 'lars' flag but keeps their weight decay)."""
-    groups = param_groups(online, cfg["optim.weight_decay"], cfg["optim.predictor_lr_mult"])
+    groups = param_groups(online, cfg["optim.weight_decay"], cfg["optim.predictor_lr_mult"], cfg["optim.fix_pred_lr"])
     if cfg["optim.optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg["optim.momentum"], 0.999), foreach=True)
     return LARS(groups, lr=peak_lr, momentum=cfg["optim.momentum"], eta=cfg["optim.lars_eta"],
@@ -505,118 +472,44 @@ def loss_spec(cfg):
                     plan.n_local, cfg["method.dino_student_temp"], cfg["method.dino_center_momentum"])
 
 
-def pack_views(views, fuse):
-    """The views as the networks take them: per view (a tuple of V tensors), or fused (a 1-tuple holding one batch
-    of V·B). Views that already lie back to back in one buffer (the GPU path cuts them so) are joined without a
-    copy. Runs outside the compiled region (it looks at storage addresses)."""
-    if not fuse or len(views) == 1:
-        return tuple(views)
-    first = views[0]
-    B = first.shape[0]
-    stride = first.stride()
-    adjacent = all(v.shape == first.shape and v.stride() == stride and v.dtype == first.dtype and
-                   v.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and
-                   v.storage_offset() == first.storage_offset() + i * B * stride[0] for i, v in enumerate(views))
-    if adjacent and stride[0] == first[0].numel():
-        return (first.as_strided((len(views) * B, *first.shape[1:]), stride, first.storage_offset()),)
-    return (torch.cat(views),)
-
-
-def forward_views(net, packed, n_views, **kwargs):
-    """net over the packed views (pack_views) -> one output per view. A fused batch is one forward whose outputs are
-    split back: BatchNorm then normalises over all views' statistics together (README, 'The step')."""
-    if len(packed) == n_views:
-        return [net(x, **kwargs) for x in packed]
-    out = net(packed[0], **kwargs)
-    if isinstance(out, dict):
-        parts = {k: v.chunk(n_views) for k, v in out.items()}
-        return [{k: v[i] for k, v in parts.items()} for i in range(n_views)]
-    return list(out.chunk(n_views))
-
-
 def method_loss(spec, online, target, packed, local_packed, affinity, state=None, noise=None):
     """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
     LossSpec; online: the online network (maybe DDP); target: the EMA network or None; state: the method's own
-    tensors, read here: DINO's (centre [1, K], teacher temperature []), MoCo v2's (queue [K, D], pointer []). The
-    multi-crop rule of losses.py's table (LoGo: its own terms on its 2 + 2 views). Returns (loss to minimise,
-    affinity loss or None, dict of logged terms, global view 1's pooled features, the state's update or None:
-    DINO's teacher mean over all ranks [1, K], MoCo v2's keys of all ranks to enqueue [n, D]; update_state applies
-    it, after the backward and outside any compiled graph: torch.compile read an input mutated inside its graph
-    stale, torch 2.14.1 CPU)."""
-    name, w_s, T = spec.name, spec.w_s, spec.temperature
-    update = None
+    tensors (methods/: DINO's centre and teacher temperature, MoCo v2's queue and pointer). The multi-crop rule of
+    losses.py's table (LoGo: its own terms on its 2 + 2 views); each method's terms come from its registry entry
+    (methods/base.py says the order). Returns (loss to minimise, affinity loss or None, dict of logged terms, global
+    view 1's pooled features, the state's update or None, which method.apply_update applies after the backward)."""
+    method = methods.get(spec.name)
     outs = forward_views(online, packed, spec.n_global)                     # the global views, local heads on
     locs = forward_views(online, local_packed, spec.n_local, local=False) if local_packed is not None else []
     crops = outs + ([] if spec.logo else locs)                              # the views of the multi-crop rule
+    ctx = method.other_side(spec, target, packed, outs)
     terms = {}
-    if name in BYOL_FAMILY:
-        targets = forward_views(target, packed, spec.n_global)
-        loss = terms["global"] = multicrop_byol([o["p"] for o in crops], targets)
-        if name == "co_byol":
-            terms["local"] = multicrop_local_regression([o["P"] for o in outs], targets, spec.kernels)
-            loss = mix(loss, terms["local"], w_s, spec.mixing)
-    elif name in MOCO_V3_FAMILY:  # queries: online predictions; keys: the momentum encoder's, all ranks'
-        keys = forward_views(target, packed, spec.n_global)
-        keys_all, offset = gather_views(keys)
-        loss = terms["global"] = multicrop_moco_v3([o["p"] for o in crops], keys, T, keys_all, offset)
-        if name == "co_moco_v3":
-            terms["local"] = multicrop_local_key_info_nce([o["P"] for o in outs], keys, T, keys_all, offset,
-                                                          backend=spec.kernels)
-            loss = mix(loss, terms["local"], w_s, spec.mixing)
-    elif name in MOCO_V2:  # queries: the online projections; keys: the momentum encoder's; negatives: the queue
-        queue, ptr = state
-        targets = forward_views(target, packed, spec.n_global)
-        # with LoGo, its 2 global + 2 local crops in one average of the 2 global-global and 4 local-global terms,
-        # as LoGo's public MoCo code (L_lg inside, not added); otherwise the multi-crop rule
-        loss = terms["global"] = multicrop_moco_v2([o["z"] for o in outs + locs], targets, queue, T)
-    elif name in DINO_FAMILY:  # student: the online logits; teacher: the EMA network's, global views only
-        center, teacher_temp = state
-        teacher = forward_views(target, packed, spec.n_global)
-        loss = terms["global"] = dino_loss([o["z"] for o in crops], teacher, center, spec.dino_student_temp,
-                                           teacher_temp)
-        if name == "co_dino":
-            terms["local"] = dino_local_loss([o["P"] for o in outs], teacher, center, spec.dino_student_temp,
-                                             teacher_temp)
-            loss = mix(loss, terms["local"], w_s, spec.mixing)
-        logits = torch.cat(teacher)  # averaged in fp32 at least (bf16 under autocast)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        update = gather_with_grad(logits.mean(0, keepdim=True)).mean(0, keepdim=True)
-    else:
-        gathered, offset = gather_views([o["z"] for o in outs])
-        loss = terms["global"] = multicrop_nt_xent([o["z"] for o in crops], spec.n_global, T, gathered, offset)
-        if name == "co_simclr":
-            terms["local"] = multicrop_local_info_nce([o["P"] for o in outs], [o["z"] for o in outs], T, gathered,
-                                                      offset, backend=spec.kernels)
-            loss = mix(loss, terms["local"], w_s, spec.mixing)
+    loss = terms["global"] = method.global_loss(spec, crops, outs, locs, ctx, state)
+    if method.local:
+        terms["local"] = method.local_loss(spec, outs, ctx, state)
+        loss = mix(loss, terms["local"], spec.w_s, spec.mixing)
     affinity_loss = None
     if spec.logo:  # LoGo: L_gg (above) + L_lg + lambda L_ll
-        (o1, o2), (l1, l2) = outs, locs
-        if name in BYOL_FAMILY:
-            lg = terms["local_global"] = sum(cosine_distance(l["p"], t).mean() for l in (l1, l2) for t in targets)
-        elif name in MOCO_V2:  # L_lg is inside the MoCo average above (local queries, global keys, the queue)
+        lg = method.logo_local_global(spec, outs, locs, ctx)
+        if lg is None:  # L_lg is inside the base's loss (MoCo v2, as LoGo's code)
             lg = 0.0
         else:
-            lg = terms["local_global"] = sum(cross_view_info_nce(l["z"], g["z"], T) for l in (l1, l2)
-                                             for g in (o1, o2))
-        terms["local_local"], affinity_loss = logo_affinity_losses(affinity, l1["z"], l2["z"], noise)
+            terms["local_global"] = lg
+        terms["local_local"], affinity_loss = logo_affinity_losses(affinity, locs[0]["z"], locs[1]["z"], noise)
         # with logo_clip, L_ll enters through the step's clipped gradient instead of lambda
         loss = loss + lg + (0.0 if spec.logo_clip else spec.logo_lambda * terms["local_local"])
         terms["affinity"] = affinity_loss
-    if name in MOCO_V2:  # after the loss: this step's keys, every rank's, enter the queue
-        update = torch.cat(gather_views(targets)[0])
+    update = method.state_update(spec, ctx)
     terms["loss"] = loss
     return loss, affinity_loss, terms, outs[0]["y"], update
 
 
 def update_state(spec, state, update):
-    """After the step's loss: DINO's centre moves towards the teacher mean (all ranks: equal batches), MoCo v2's
-    queue takes the keys; in place, no host sync."""
-    if update is None:
-        return
-    if spec.name in DINO_FAMILY:
-        dino_center_update(state[0], update, spec.dino_center_momentum)
-    elif spec.name in MOCO_V2:
-        enqueue(state[0], state[1], update)
+    """After the backward, outside any compiled graph: the method's state takes the step's update (DINO's centre
+    moves towards the teacher mean, MoCo v2's queue takes the keys); in place, no host sync."""
+    if update is not None:
+        methods.get(spec.name).apply_update(spec, state, update)
 
 
 def backward_with_relative_clip(main, extra, params, clip):
@@ -681,17 +574,10 @@ class Run:
                 self.online, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
         target, affinity, spec = self.target, self.affinity, self.spec
 
-        # the method's own tensors on the device, part of the checkpoint: DINO's teacher centre and temperature,
-        # MoCo v2's queue (random unit keys at first, as MoCo) and its pointer
-        self.state, self.dino = None, cfg["method.name"] in DINO_FAMILY
-        if self.dino:
-            self.state = (torch.zeros(1, cfg["method.dino_out_dim"], device=device),
-                          torch.full((), self.teacher_temp(0), device=device))
-            self._prototypes = [m.weight for m in self.online.modules() if isinstance(m, NormedLinear)]
-        elif cfg["method.name"] in MOCO_V2:
-            g = torch.Generator().manual_seed(cfg["training.seed"])
-            queue = F.normalize(torch.randn(cfg["method.queue_size"], cfg["method.proj_dim"], generator=g), dim=1)
-            self.state = (queue.to(device), torch.zeros((), dtype=torch.long, device=device))
+        # the method's own tensors on the device, part of the checkpoint (DINO's teacher centre and temperature,
+        # MoCo v2's queue and its pointer)
+        self.method = methods.get(cfg["method.name"])
+        self.state = self.method.init_state(cfg, device)
 
         def forward_loss(packed, local_packed, state, noise=None):
             return method_loss(spec, model, target, packed, local_packed, affinity, state, noise)
@@ -725,6 +611,14 @@ class Run:
     def lr(self, step):
         return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg["optim.lr_schedule"])
 
+    def set_lr(self, step):
+        """The optimiser's lr at `step` (0-based): the schedule's, times each group's multiplier; predictor groups
+        with optim.fix_pred_lr keep the peak after the warm-up."""
+        lr = self.lr(step)
+        fixed = lr if step < self.warmup_steps else self.peak_lr
+        for group in self.opt.param_groups:
+            group["lr"] = (fixed if group.get("fixed") else lr) * group["lr_mult"]
+
     def tau(self, step):
         if self.cfg["optim.tau_schedule"] == "constant":
             return self.cfg["optim.tau"]
@@ -743,12 +637,6 @@ class Run:
         std = 0.3 / math.sqrt(D)
         return tuple(std * torch.randn(B, D, generator=g, device=self.device) for _ in range(2))
 
-    def teacher_temp(self, epoch):
-        """DINO's teacher temperature in `epoch` (losses.dino_teacher_temp)."""
-        c = self.cfg
-        return dino_teacher_temp(epoch, c["method.dino_warmup_teacher_temp"], c["method.dino_teacher_temp"],
-                                 c["method.dino_warmup_teacher_temp_epochs"])
-
     def set_epoch(self, epoch):
         """Progressive resolution and the loader's order for this epoch (RANDOM order of epoch e: seed + e)."""
         self.epoch = epoch
@@ -760,8 +648,7 @@ class Run:
                 self.loader.generate_code()
         if self.loader is not None:
             self.loader.next_epoch = epoch
-        if self.dino:
-            self.state[1].fill_(self.teacher_temp(epoch))
+        self.method.set_epoch(self, epoch)
 
     def prepare(self, batch, step):
         """A loader batch -> the Prepared inputs of step `step` (views cut and augmented on the run's device)."""
@@ -820,9 +707,7 @@ class Run:
             current.wait_event(item.ready)
             for t in (*item.views, *(item.local_views or ()), item.labels):
                 t.record_stream(current)
-        lr = self.lr(s)
-        for group in self.opt.param_groups:
-            group["lr"] = lr * group["lr_mult"]
+        self.set_lr(s)
         terms, probe_logits = self._update(item.views, item.local_views, item.labels, self.tau(s))
         self.global_step = s + 1
         return terms, probe_logits, item.labels
@@ -850,9 +735,7 @@ class Run:
         # after the backward: a compiled graph may read the state it saved for backward (a mutation before it
         # fails autograd's version check, or under torch.compile is read stale)
         update_state(self.spec, self.state, update)
-        if self.dino and self.epoch < self.cfg["method.dino_freeze_last_layer"]:
-            for p in self._prototypes:  # DINO: the last layer stays as initialised in the first epoch(s)
-                p.grad = None
+        self.method.after_backward(self)
         self.opt.step()
         if affinity_loss is not None:  # LoGo's alternating step: train f_d on detached local embeddings
             self.aff_opt.zero_grad(set_to_none=True)
@@ -1106,13 +989,19 @@ def run_folder(cfg):
 
 def check_options(cfg, num_train, world):
     name = cfg["method.name"]
-    if cfg["method.logo"] and name not in ("byol", "simclr", "moco_v2"):
-        raise TrainingError(f"method.logo=1 needs method.name byol, simclr or moco_v2 (LoGo's bases), got {name}")
-    if cfg["method.proj_out_bn"] != "auto" and (name in ("dino", "co_dino", "moco_v2")):
+    method = methods.get(name)
+    if cfg["method.logo"] and not method.logo_base:
+        bases = " or ".join(m.name for m in methods.REGISTRY.values() if m.logo_base)
+        raise TrainingError(f"method.logo=1 needs method.name {bases} (LoGo's bases), got {name}")
+    if cfg["method.proj_out_bn"] != "auto" and method.own_head_form:
         raise TrainingError(f"method.proj_out_bn={cfg['method.proj_out_bn']}: {name}'s head has its own form; "
                             "leave it auto")
-    if cfg["method.pred_out_bn"] != "auto" and name not in ("byol", "co_byol", "moco_v3", "co_moco_v3"):
+    if cfg["method.pred_out_bn"] != "auto" and not method.predictor:
         raise TrainingError(f"method.pred_out_bn={cfg['method.pred_out_bn']}: {name} has no predictor; leave it auto")
+    try:
+        method.check(cfg, world)
+    except MethodError as e:
+        raise TrainingError(str(e)) from None
     if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
         raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
     if cfg["augment.local_cmin"] > cfg["augment.local_cmax"]:
@@ -1137,11 +1026,6 @@ def check_options(cfg, num_train, world):
             os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter runs them on the CPU (the suite does)
         raise TrainingError("training.kernels=triton needs CUDA (the Triton ops run on the GPU, or on the CPU "
                             "under TRITON_INTERPRET=1); use training.kernels=auto or ref on the CPU")
-    keys = cfg["augment.global_views"] * cfg["optim.batch_size"] * world
-    if name == "moco_v2" and cfg["method.queue_size"] < keys:
-        raise TrainingError(f"method.queue_size={cfg['method.queue_size']} is smaller than the {keys} keys one step "
-                            f"enqueues ({cfg['augment.global_views']} views x batch {cfg['optim.batch_size']} x "
-                            f"{world} process(es)); the queue would hold duplicate rows; use at least {keys}")
     if cfg["optim.batch_size"] * world > num_train:
         raise TrainingError(f"batch of {cfg['optim.batch_size']} x {world} process(es) is larger than the "
                             f"{num_train} training images")
@@ -1166,8 +1050,14 @@ def check_view_sizes(cfg):
                             f"(python rf_resnet.py --list)")
 
 
-DATA_KEYS = ("source", "root", "name", "class_list", "image_size", "synthetic_images", "synthetic_classes",
-             "synthetic_min_size", "synthetic_max_size")  # what the data is (beton_dir and decode may change)
+DATA_KEYS = {  # what the data is, per source (beton_dir and decode may change; a key a source ignores may too)
+    "synthetic": ("source", "name", "synthetic_images", "synthetic_classes", "synthetic_min_size",
+                  "synthetic_max_size"),
+    "fashion_mnist": ("source", "name", "root", "image_size"),
+    "imagenet100": ("source", "name", "root", "class_list"),
+    "imagefolder": ("source", "name", "root"),
+    "tiny_imagenet": ("source", "name", "root"),
+}
 
 
 def resume_state(cfg, ckpt_path, data=None):
@@ -1175,7 +1065,7 @@ def resume_state(cfg, ckpt_path, data=None):
     settings; data = {"train_images", "classes"} of the betons this run reads (checked against the checkpoint's)."""
     ck = read_checkpoint(ckpt_path)
     then_data, now_data = ck["config"].get("data", {}), as_dict(cfg)["data"]
-    differ = [f"data.{k}: {then_data.get(k)!r} in the checkpoint, {now_data[k]!r} now" for k in DATA_KEYS
+    differ = [f"data.{k}: {then_data.get(k)!r} in the checkpoint, {now_data[k]!r} now" for k in DATA_KEYS[now_data["source"]]
               if k in then_data and then_data[k] != now_data[k]]
     if data is not None:
         held = ck.get("data") or {}
@@ -1590,6 +1480,7 @@ def main(argv=None):
     parser.add_argument("--config", help=f"YAML config (default: the built-in defaults = {DEMO_CONFIG})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--plot", metavar="RUN_DIR", help="write RUN_DIR/curves.png and exit")
+    parser.add_argument("--methods", action="store_true", help="list the registered methods (methods/) and exit")
     parser.add_argument("--demo", action="store_true", help="end with the one-line demo summary")
     parser.add_argument("--dry-run", action="store_true", help="build the run as on --dry-run-processes processes, "
                         "take 5 CPU steps on synthetic images at the recipe's peak lr, print each parameter group's "
@@ -1600,6 +1491,9 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     if threading.current_thread() is threading.main_thread():  # a scheduler's SIGTERM ends a run as Ctrl-C does
         signal.signal(signal.SIGTERM, _terminate)
+    if args.methods:
+        print(methods.table())
+        return 0
     if args.plot:
         try:
             print(plot(args.plot))

@@ -95,16 +95,16 @@ def test_moco_v3_heads_as_its_resnet_code():
     """MoCo v3's ResNet code: the projectors end in a BatchNorm without affine parameters after a bias-free layer;
     the predictors end in a plain layer (method.pred_out_bn=fixed brings back the pre-0.7.0 BatchNorm)."""
     import torch.nn as nn
-    from models import SSLNet
+    from methods import build_net
     from rf_resnet import build_backbone
-    net = SSLNet(build_backbone("resnet18_w16_cifar", width=4), "co_moco_v3", 32, 16, 32, 16)
+    net = build_net(build_backbone("resnet18_w16_cifar", width=4), "co_moco_v3", 32, 16, 32, 16)
     for head in (net.projector, net.local_projector):
         last = head[-1]
         assert isinstance(last, nn.modules.batchnorm._BatchNorm) and not last.affine
         assert all(m.bias is None for m in head if isinstance(m, (nn.Linear, nn.Conv2d)))
     for head in (net.predictor, net.local_predictor):
         assert isinstance(head[-1], (nn.Linear, nn.Conv2d)) and head[-1].bias is not None
-    old = SSLNet(build_backbone("resnet18_w16_cifar", width=4), "co_moco_v3", 32, 16, 32, 16, pred_out_bn="fixed")
+    old = build_net(build_backbone("resnet18_w16_cifar", width=4), "co_moco_v3", 32, 16, 32, 16, pred_out_bn="fixed")
     for head in (old.predictor, old.local_predictor):
         assert isinstance(head[-1], nn.modules.batchnorm._BatchNorm) and not head[-1].affine
     out = net(torch.randn(3, 3, 16, 16))

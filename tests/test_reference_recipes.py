@@ -66,9 +66,9 @@ def our_value(cfg, key):
     if key == "tau_final":
         return 1.0 if cfg["optim.tau_schedule"] == "cosine" else cfg["optim.tau"]
     if key.startswith("head."):
-        from models import SSLNet
+        from methods import build_net
         from rf_resnet import build_backbone
-        net = SSLNet(build_backbone("resnet18_w16_cifar", width=4), cfg["method.name"], 32, 16, 32, 16,
+        net = build_net(build_backbone("resnet18_w16_cifar", width=4), cfg["method.name"], 32, 16, 32, 16,
                      dino_out_dim=8, proj_out_bn=cfg["method.proj_out_bn"], pred_out_bn=cfg["method.pred_out_bn"])
         head = getattr(net, key.split(".")[1])
         return None if head is None else "-".join(_layers(head))

@@ -15,16 +15,17 @@ from config import load_config
 from conftest import CUDA, REPO, TINY, needs_cuda, quiet, tiny_cfg
 import train_coss
 from evaluate import feature_probe_accuracy, knn_accuracy
+from methods import REGISTRY
 from train_coss import (LARS, TrainingError, build_optimizer, lr_at, param_groups,
                         resolution_at, tau_at, train)
 
+# every registered method, LoGo on each base it wraps, and multi-crop layouts of four families
+EVERY_METHOD = [(name, 0, "") for name in REGISTRY] + [(m.name, 1, "") for m in REGISTRY.values() if m.logo_base] + \
+    [("co_byol", 0, "2+4"), ("co_simclr", 0, "3+2"), ("co_moco_v3", 0, "2+2"), ("dino", 0, "2+2")]
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method,logo,views", [("byol", 0, ""), ("co_byol", 0, ""), ("simclr", 0, ""),
-                                               ("co_simclr", 0, ""), ("byol", 1, ""), ("simclr", 1, ""),
-                                               ("co_byol", 0, "2+4"), ("co_simclr", 0, "3+2"),
-                                               ("moco_v3", 0, ""), ("co_moco_v3", 0, ""),
-                                               ("co_moco_v3", 0, "2+2"), ("dino", 0, "2+2"),
-                                               ("co_dino", 0, ""), ("moco_v2", 0, ""), ("moco_v2", 1, "")])
+@pytest.mark.parametrize("method,logo,views", EVERY_METHOD)
 def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method, logo, views):
     multi_crop = []
     if views:  # multi-crop: global + local views at 8 px
@@ -55,12 +56,12 @@ def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method,
 def test_local_representations_from_the_stage_before_the_last(betons, tmp_path, method):
     """method.local_layer=previous: the local heads read stage 3's map (twice the side, half the channels), the
     global branch still pools stage 4; the loss is finite and its local term comes from the larger map."""
-    from models import SSLNet
+    from methods import build_net
     from rf_resnet import build_backbone
     torch.manual_seed(0)
     backbone = build_backbone("resnet18_w16_cifar", width=4)
-    net = SSLNet(backbone, method, 32, 16, 32, 16, local_layer="previous")
-    last = SSLNet(build_backbone("resnet18_w16_cifar", width=4), method, 32, 16, 32, 16)
+    net = build_net(backbone, method, 32, 16, 32, 16, local_layer="previous")
+    last = build_net(build_backbone("resnet18_w16_cifar", width=4), method, 32, 16, 32, 16)
     x = torch.randn(3, 3, 16, 16)
     out, ref = net(x), last(x)
     assert out["P"].shape == (3, 16, 16) and ref["P"].shape == (3, 4, 16)  # 4x4 locations against 2x2
