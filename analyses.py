@@ -9,6 +9,7 @@
 Plots go to PNG with matplotlib (Agg backend, no display needed).
 """
 import os
+import sys
 
 import numpy as np
 import torch
@@ -196,3 +197,48 @@ def _save(fig, path):
     fig.savefig(tmp, dpi=110)
     _plt().close(fig)
     os.replace(tmp, path)
+
+
+def plot_run(run_dir):
+    """PNG curves of a run from log.jsonl: loss terms and lr against step, kNN and probe accuracies against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from evaluate import read_jsonl
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(log_path):
+        raise FileNotFoundError(f"{log_path} does not exist (give a run folder that train_coss.py wrote)")
+    rows, bad = read_jsonl(log_path)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for k in ("loss", "global", "local", "global_global", "local_global", "local_local"):
+        pts = [(r["step"], r[k]) for r in rows if k in r and "lr" in r]
+        if pts:
+            axes[0].plot(*zip(*pts), label=k, lw=1)
+    pts = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    if pts:
+        axes[1].plot(*zip(*pts), lw=1)
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    start = (torch.load(ckpt, map_location="cpu", weights_only=False).get("results", {}).get("random_init", {})
+             if os.path.isfile(ckpt) else {})
+    for k in ("knn", "probe", "online_probe"):  # evaluation rows: one per evaluated epoch; 0 = the random init
+        pts = [(0, start[k])] if k in start else []
+        pts += [(r["epoch"] + 1, r[k]) for r in rows if k in r and "lr" not in r]
+        if pts:
+            axes[2].plot(*zip(*pts), "o-", label=k)
+    for ax, title, x, y in ((axes[0], "training loss", "step", "loss (objective's own units)"),
+                            (axes[1], "learning rate", "step", "learning rate"),
+                            (axes[2], "val accuracy", "epochs trained (0: random init)", "top-1 (fraction)")):
+        ax.set(title=title, xlabel=x, ylabel=y)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=10)
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    if bad:
+        print(f"train_coss.py: skipped {bad} unreadable row(s) of {log_path} (a run cut while writing?)",
+              file=sys.stderr)
+    return out

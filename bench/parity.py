@@ -321,7 +321,7 @@ def reference_views(method, recipe, train_path, seed, workers):
 def our_views(cfg, train_path, seed):
     """Endless (x0, x1, labels) batches from our loader and view maker (the trainer's data path, its generators)."""
     import torch
-    from train_coss import num_images_and_classes, train_loader, view_maker
+    from train_data import num_images_and_classes, train_loader, view_maker
     from write_ffcv import seeded_subset
     total, _ = num_images_and_classes(train_path)
     loader, _ = train_loader(cfg, train_path, seeded_subset(total, 0, seed), 1, cfg["augment.res"])
@@ -344,7 +344,8 @@ def one_run(args):
     import torch
     from evaluate import evaluate
     from rf_resnet import build_backbone
-    from train_coss import Prepared, betons, build_run
+    from step import Prepared, build_run
+    from train_data import betons
     from write_ffcv import quiet_numba_finalizers
     quiet_numba_finalizers()
     recipe = recipe_of(args.method, args.set)

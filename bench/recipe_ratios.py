@@ -19,7 +19,7 @@ def main(argv=None):
     import yaml
     from config import VERSION, load_config
     from dry_run import REFERENCE_TABLE, DryRunError, dry_run
-    from train_coss import cpu_name
+    from environment import cpu_name
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="reports/recipes")
     p.add_argument("--steps", type=int, default=5)

@@ -16,6 +16,7 @@ import torchvision
 import train_coss
 from config import VERSION, load_config
 from conftest import REPO, TINY, quiet, tiny_cfg
+from rf_resnet import build_backbone
 from train_coss import TrainingError, build_run, calibrate, train
 
 
@@ -236,7 +237,7 @@ def test_a_run_started_from_model_init_resumes_after_the_init_file_is_gone(beton
     width = ["--model.backbone=resnet18", "--model.width=8", "--method.name=byol", "--training.run_name=r"]
     torch.manual_seed(0)
     init = tmp_path / "init.pt"
-    torch.save(train_coss.build_backbone("resnet18", width=8).state_dict(), init)
+    torch.save(build_backbone("resnet18", width=8).state_dict(), init)
     full = train_coss.train(tiny_cfg(betons, tmp_path / "full", *width, f"--model.init={init}"), log=lambda *_: None)
 
     class Killed(Exception):

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import train_coss
 from config import ConfigError, load_config
 from conftest import REPO, TINY, quiet, tiny_cfg
@@ -232,7 +233,7 @@ def test_a_checkpoint_without_a_newer_key_resumes_with_that_version_behaviour(tm
     for method, ok, refused in (("moco_v3", ["--method.pred_out_bn=fixed"], []), ("byol", [], None)):
         old = as_dict(load_config(None, TINY + [f"--method.name={method}"]))
         del old["method"]["pred_out_bn"], old["method"]["proj_out_bn"]
-        monkeypatch.setattr(train_coss, "read_checkpoint", lambda path: {"config": old})
+        monkeypatch.setattr(checkpoints, "read_checkpoint", lambda path: {"config": old})
         train_coss.resume_state(load_config(None, TINY + [f"--method.name={method}", *ok]), "ck.pt")
         if refused is not None:
             with pytest.raises(train_coss.TrainingError, match="method.pred_out_bn: 'fixed' in the checkpoint, "

@@ -15,6 +15,7 @@ from config import load_config
 from conftest import CUDA, REPO, TINY, needs_cuda, quiet, tiny_cfg
 import train_coss
 from evaluate import feature_probe_accuracy, knn_accuracy
+from analyses import plot_run
 from methods import REGISTRY
 from train_coss import (LARS, TrainingError, build_optimizer, lr_at, param_groups,
                         resolution_at, tau_at, train)
@@ -48,7 +49,7 @@ def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method,
     final = results["epoch0"]
     assert 0 <= final["knn"] <= 1 and 0 <= final["probe"] <= 1 and 0 <= final["online_probe"] <= 1
     assert json.load(open(os.path.join(run, "params.json")))["method"]["name"] == method
-    png = train_coss.plot(run)
+    png = plot_run(run)
     assert os.path.getsize(png) > 1000
 
 
@@ -108,7 +109,7 @@ def test_trains_on_the_gpu_with_bf16_and_the_fused_ops(betons, tmp_path, method,
 
 
 def test_relative_clip_scales_the_extra_gradient_to_a_fraction_of_the_main_one():
-    from train_coss import backward_with_relative_clip
+    from step import backward_with_relative_clip
     torch.manual_seed(0)
     net = nn.Linear(5, 3)
     x = torch.randn(8, 5)
