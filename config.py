@@ -22,7 +22,7 @@ from fastargs import Param, Section
 from fastargs.config import Config
 from fastargs.validation import Checker
 
-VERSION = "0.7.0"  # the project's version (pyproject.toml and CHANGELOG.md say the same; a test checks)
+VERSION = "0.8.0"  # the project's version (pyproject.toml and CHANGELOG.md say the same; a test checks)
 REPO = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 IMAGENET100_CLASSES = os.path.join(REPO, "data", "imagenet100_classes.txt")
@@ -403,7 +403,7 @@ def _declare(cfg):
                        "side stream)", default=False),
         bf16=Param(StrictBool(), "bf16 autocast (CUDA only)", default=True),
         channels_last=Param(StrictBool(), "channels-last memory for nets and views (also faster on the CPU: "
-                            "README, 'CPU paths')", default=True),
+                            "BENCHMARKS.md)", default=True),
         out_dir=Param(Text(), "runs are written to <out_dir>/<run_name>", default="runs"),
         run_name=Param(Text(), "empty = <method>_<backbone>_s<seed>", default=""),
         checkpoint_every=Param(StrictInt(1), "epochs between checkpoints (and the last one)", default=1),

@@ -1,5 +1,5 @@
 """CO-SSL losses as pure functions of tensors (no config; the only state, DINO's centre and MoCo v2's queue, is
-passed in and updated in place by dino_center_update and enqueue). Definitions: docs/METHOD_NOTES.md §1-3, README.
+passed in and updated in place by dino_center_update and enqueue). Definitions: docs/METHOD_NOTES.md §1-3, docs/training.md.
 
 Notation: B images on this rank, N on all ranks, L locations per view, D embedding dim.
   d(a, b) = 2 - 2 cos(a, b)                                  (BYOL's normalised regression)
@@ -45,7 +45,7 @@ Multi-crop (G global views at augment.res, then L local views; V = G + L; target
   CO-SimCLR   L_l = the SimCLR rule with every location of a global view's map as the anchor:
               mean over P_G, b and l of -log softmax(<P_v[b,l], c> / T, without z_v[b])[z_g[b]]
   Local views enter the global terms only: a small crop's feature map has few locations whose receptive fields each
-  cover the whole crop (README, 'Multi-crop'). LoGo keeps its own rule (L_gg on the two global views, its L_lg, L_ll;
+  cover the whole crop (docs/training.md, 'Multi-crop'). LoGo keeps its own rule (L_gg on the two global views, its L_lg, L_ll;
   on MoCo v2 its public code's mean over the 6 pairs, which is the multi-crop rule).
 Targets are always detached inside the functions (sg = stop-gradient), so callers cannot forget it.
 Under DDP, pass the all-gathered embeddings (gathered *with* gradient) as `*_all` and this rank's row offset.

@@ -187,7 +187,7 @@ class Conv2d(nn.Conv2d):
 
 def memory_format(channels_last=True):
     """training.channels_last -> the memory format of nets and views. Channels-last is the default everywhere: on
-    CUDA for the tensor cores, and on the CPU it measured 1.05-1.2x faster for the demo than NCHW (README)."""
+    CUDA for the tensor cores, and on the CPU it measured 1.05-1.2x faster for the demo than NCHW (BENCHMARKS.md)."""
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

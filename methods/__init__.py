@@ -36,9 +36,9 @@ def build_net(backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden
 
 
 def table():
-    """The registry as a Markdown table: name, paper, global term, local term, whether LoGo wraps it."""
-    rows = ["| method.name | paper | global term | local term | LoGo base |", "|---|---|---|---|---|"]
+    """The registry as a Markdown table: name, global term, local term, config, paper, whether LoGo wraps it."""
+    rows = ["| `method.name` | global term | local term | config | paper | LoGo on it |", "|---|---|---|---|---|---|"]
     for m in REGISTRY.values():
-        rows.append(f"| {m.name} | {m.paper} | {m.global_term} | {m.local_term if m.local else '-'} | "
-                    f"{'yes' if m.logo_base else '-'} |")
+        rows.append(f"| `{m.name}` | {m.global_term} | {m.local_term if m.local else '-'} | `configs/{m.config}` | "
+                    f"{m.paper} | {'yes' if m.logo_base else '-'} |")
     return "\n".join(rows)

@@ -40,7 +40,7 @@ def pack_views(views, fuse):
 
 def forward_views(net, packed, n_views, **kwargs):
     """net over the packed views (pack_views) -> one output per view. A fused batch is one forward whose outputs are
-    split back: BatchNorm then normalises over all views' statistics together (README, 'The step')."""
+    split back: BatchNorm then normalises over all views' statistics together (docs/training.md, 'The step')."""
     if len(packed) == n_views:
         return [net(x, **kwargs) for x in packed]
     out = net(packed[0], **kwargs)
@@ -71,6 +71,7 @@ class Method:
     name = None          # the registry name (method.name)
     family = None        # the base method's name; a CO variant shares it
     paper = ""           # for the methods table
+    config = ""          # its config in configs/ (the methods table)
     global_term = ""
     local_term = ""      # CO variants: what every location of the map is matched with
     local = False        # CO variant: local heads on the global views and the local term
@@ -145,8 +146,8 @@ class Method:
         """Raises MethodError for a setting this method cannot run."""
 
 
-def co_variant(base_cls, local_term):
+def co_variant(base_cls, local_term, config):
     """The CO variant of a base method: the same class with local heads and the local term on."""
     return type(f"CO{base_cls.__name__}", (base_cls,), {"name": f"co_{base_cls.name}", "local": True,
                                                         "logo_base": False, "local_term": local_term,
-                                                        "paper": "CO-SSL (ours: " + base_cls.paper + " + L_l)"})
+                                                        "config": config, "paper": "CO-SSL, on " + base_cls.paper})

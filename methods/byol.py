@@ -9,6 +9,7 @@ class BYOL(Method):
     name = family = "byol"
     paper = "BYOL (Grill et al., NeurIPS 2020)"
     global_term = "2 - 2cos(online prediction, EMA target projection of the other view)"
+    config = "in100_byol.yaml"
     ema_target = predictor = logo_base = True
 
     def other_side(self, spec, target, packed, outs):
@@ -24,4 +25,5 @@ class BYOL(Method):
         return sum(cosine_distance(l["p"], t).mean() for l in locs for t in targets)
 
 
-METHODS = (BYOL(), co_variant(BYOL, "2 - 2cos(every location's local prediction, the other view's target)")())
+METHODS = (BYOL(), co_variant(BYOL, "2 - 2cos(every location's local prediction, the other view's target)",
+                                 "in100.yaml")())

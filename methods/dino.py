@@ -20,6 +20,7 @@ class DINO(Method):
     name = family = "dino"
     paper = "DINO (Caron et al., ICCV 2021)"
     global_term = "CE(teacher's centred, sharpened distribution over K prototypes, student's)"
+    config = "in100_dino.yaml"
     ema_target = own_head_form = True
     state_names = ("center", "teacher_temp")
 
@@ -62,4 +63,5 @@ class DINO(Method):
                     m.weight.grad = None
 
 
-METHODS = (DINO(), co_variant(DINO, "CE: every location's student distribution against the other view's teacher")())
+METHODS = (DINO(), co_variant(DINO, "CE: every location's student distribution against the other view's teacher",
+                              "in100_co_dino.yaml")())

@@ -15,6 +15,7 @@ class MoCoV2(Method):
     name = family = "moco_v2"
     paper = "MoCo v2 (Chen et al., 2020)"
     global_term = "InfoNCE against the other view's momentum key and a queue of earlier keys"
+    config = "in100_moco_v2.yaml"
     ema_target = logo_base = own_head_form = True
     state_names = ("queue", "queue_ptr")
 

@@ -10,6 +10,7 @@ class MoCoV3(Method):
     name = family = "moco_v3"
     paper = "MoCo v3 (Chen et al., ICCV 2021)"
     global_term = "2T CE(online predictions against the momentum keys of the batch, all ranks)"
+    config = "in100_moco_v3.yaml"
     ema_target = predictor = True
     default_out_bn = "fixed"  # the projector ends in a BatchNorm without affine parameters (MoCo v3's code)
 
@@ -28,4 +29,5 @@ class MoCoV3(Method):
                                             backend=spec.kernels)
 
 
-METHODS = (MoCoV3(), co_variant(MoCoV3, "2T CE: every location's query against the other view's N keys")())
+METHODS = (MoCoV3(), co_variant(MoCoV3, "2T CE: every location's query against the other view's N keys",
+                                   "in100_co_moco_v3.yaml")())

@@ -10,6 +10,7 @@ class SimCLR(Method):
     name = family = "simclr"
     paper = "SimCLR (Chen et al., ICML 2020)"
     global_term = "NT-Xent over the 2N views (all ranks), temperature T"
+    config = "in100_simclr.yaml"
     logo_base = True
 
     def other_side(self, spec, target, packed, outs):
@@ -28,4 +29,5 @@ class SimCLR(Method):
         return sum(cross_view_info_nce(l["z"], g["z"], spec.temperature) for l in locs for g in outs)
 
 
-METHODS = (SimCLR(), co_variant(SimCLR, "InfoNCE: every location against the 2N global embeddings")())
+METHODS = (SimCLR(), co_variant(SimCLR, "InfoNCE: every location against the 2N global embeddings",
+                                   "in100_co_simclr.yaml")())

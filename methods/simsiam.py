@@ -15,6 +15,7 @@ class SimSiam(Method):
     name = family = "simsiam"
     paper = "SimSiam (Chen & He, CVPR 2021)"
     global_term = "-cos(prediction, stop-gradient projection of the other view), no EMA"
+    config = "fmnist_simsiam.yaml"
     predictor = logo_base = True
     default_out_bn = "fixed"
 
