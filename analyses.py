@@ -121,18 +121,20 @@ def plot_erf(image, maps, locations, layout, path, title=""):
     _save(fig, path)
 
 
-def objective(method):
-    """A run's training objective in words, from its method config: runs whose losses can share an axis."""
+def objective(config):
+    """A run's training objective in words, from its config's method sections: runs whose losses can share an axis."""
+    method = (config or {}).get("method")
     if not method:
         return "unknown objective"
-    name = method["name"] + (" + LoGo" if method.get("logo") else "")
+    name = method["name"] + (" + LoGo" if config.get("logo", {}).get("enabled") else "")
     if method["name"].startswith("co_"):
-        name += f" (w_s {method['w_s']:g}, {method['mixing']})"
+        co = config.get("co", {})
+        name += f" (w_s {co.get('w_s', float('nan')):g}, {co.get('mixing', '?')})"
     return name
 
 
 def plot_curves(runs, path, methods=None):
-    """runs: {name: rows of log.jsonl}; methods: {name: the run's method config}. Training loss against epoch on
+    """runs: {name: rows of log.jsonl}; methods: {name: the run's config sections}. Training loss against epoch on
     one panel per objective (the losses of different objectives are not comparable numbers), then kNN accuracy
     of every run against epoch."""
     plt = _plt()

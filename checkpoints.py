@@ -78,6 +78,9 @@ DATA_KEYS = {  # what the data is, per source (beton_dir and decode may change; 
     "tiny_imagenet": ("source", "name", "root"),
 }
 
+METHOD_SECTIONS = ("model", "method", "co", "logo", "moco", "dino")  # what the networks and the loss are
+
+
 def resume_state(cfg, ckpt_path, data=None):
     """The checkpoint to continue from: complete, finite, and written with this run's model, method and data
     settings; data = {"train_images", "classes"} of the betons this run reads (checked against the checkpoint's)."""
@@ -102,14 +105,14 @@ def resume_state(cfg, ckpt_path, data=None):
     if ck["config"].get("method", {}).get("name") in ("moco_v3", "co_moco_v3"):
         defaults["method.pred_out_bn"] = "fixed"  # before 0.7.0 MoCo v3's predictor ended in a fixed BatchNorm
     then = {(section, k): ck["config"].get(section, {}).get(k, defaults[f"{section}.{k}"])
-            for section in ("model", "method") for k in now[section]}
+            for section in METHOD_SECTIONS for k in now[section]}
     then_batch = ck["config"].get("optim", {}).get("batch_size")
     if then_batch not in (None, cfg["optim.batch_size"]):
         raise TrainingError(f"{ckpt_path} was trained at optim.batch_size={then_batch}, now {cfg['optim.batch_size']}: "
                             f"the lr, tau and step schedules were laid out in that batch's steps, and another batch "
                             f"would end them early or late; resume with --optim.batch_size={then_batch}")
     differ = [f"{section}.{k}: {then[section, k]!r} in the checkpoint, {v!r} now"
-              for section in ("model", "method") for k, v in now[section].items()
+              for section in METHOD_SECTIONS for k, v in now[section].items()
               if then[section, k] != v and f"{section}.{k}" != "model.init"]  # init: step 0's weights only
     if differ:
         raise TrainingError(f"{ckpt_path} was written with other settings ({'; '.join(differ[:4])}"

@@ -220,6 +220,12 @@ def _section(cfg, name, description):
     return Section(name, description, config_descriptor=cfg)
 
 
+def _method_sections():
+    """The sections the method registry declares (methods/: the CO variants' co.*, LoGo's logo.*, moco.*, dino.*)."""
+    from methods import config_sections
+    return config_sections()
+
+
 def _declare(cfg):
     _section(cfg, "data", "Dataset source and beton location (both scripts)").params(
         source=Param(Choice("fashion_mnist", "imagenet100", "imagefolder", "tiny_imagenet", "synthetic"),
@@ -276,15 +282,6 @@ def _declare(cfg):
                    "configs/in100*.yaml). A co_ method is its base plus the local term: every location of the "
                    "feature map, through 1x1 local heads, matched with the other view's global target in that "
                    "method's way, mixed with w_s", default="co_byol"),
-        logo=Param(StrictBool(), "LoGo: 2 global + 2 local crops, L_gg + L_lg + lambda L_ll", default=False),
-        w_s=Param(StrictFloat(0.0), "weight of the local term (0.2: the CPU demo; in100 configs: 0.5)",
-                  default=0.2),
-        mixing=Param(Choice("convex", "additive"), "(1-w_s) L_g + w_s L_l, or L_g + w_s L_l", default="convex"),
-        local_grid=Param(StrictInt(0), "adaptive-avg-pool the map to n x n before the local heads; 0 = native",
-                         default=0),
-        local_layer=Param(Choice("last", "previous"), "CO methods: the local representations are the map of the "
-                          "backbone's last stage, or of the stage before it (twice the side, half the channels of a "
-                          "ResNet); the global branch always pools the last stage", default="last"),
         proj_hidden=Param(StrictInt(1), "projector hidden width", default=512),
         proj_dim=Param(StrictInt(1), "embedding dim (global and local)", default=128),
         proj_out_bn=Param(Choice("auto", "none", "affine", "fixed"), "BatchNorm on the projector's output (global "
@@ -297,29 +294,11 @@ def _declare(cfg):
                           "(before 0.7.0 MoCo v3's predictor ended in a fixed one: a checkpoint of that version "
                           "resumes with it)", default="auto"),
         pred_hidden=Param(StrictInt(1), "predictor hidden width (BYOL family)", default=512),
-        local_hidden=Param(StrictInt(1), "local head hidden width (1x1 convs)", default=256),
         temperature=Param(StrictFloat(1e-4), "NT-Xent / local InfoNCE temperature (SimCLR and MoCo v3 families)",
                           default=0.2),
-        queue_size=Param(StrictInt(1), "MoCo v2: keys in the queue of negatives (MoCo v2: 65536; LoGo's code: "
-                         "4096)", default=4096),
-        dino_out_dim=Param(StrictInt(2), "DINO: prototypes K of the head's weight-normalised last layer (the head: "
-                           "proj_hidden-wide 3-layer MLP to a proj_dim bottleneck, L2-normalised)", default=4096),
-        dino_student_temp=Param(StrictFloat(1e-4), "DINO: student temperature", default=0.1),
-        dino_teacher_temp=Param(StrictFloat(1e-4), "DINO: teacher temperature after its warm-up", default=0.04),
-        dino_warmup_teacher_temp=Param(StrictFloat(1e-4), "DINO: teacher temperature at epoch 0", default=0.04),
-        dino_warmup_teacher_temp_epochs=Param(StrictInt(0), "DINO: epochs of the teacher temperature's linear "
-                                              "warm-up (per epoch, as DINO)", default=0),
-        dino_center_momentum=Param(StrictFloat(0.0, 1.0), "DINO: momentum of the teacher centre", default=0.9),
-        dino_freeze_last_layer=Param(StrictInt(0), "DINO: epochs during which the last layer gets no update",
-                                     default=1),
-        logo_lambda=Param(StrictFloat(0.0), "LoGo: weight of L_ll", default=1e-4),
-        logo_local_res=Param(StrictInt(8), "LoGo: side of the local crops, px", default=16),
-        logo_global_cmin=Param(StrictFloat(0.01, 1.0), "LoGo: global crop scale (r_g, 1)", default=0.4),
-        logo_local_cmax=Param(StrictFloat(0.01, 1.0), "LoGo: local crop scale (0.05, r_l)", default=0.4),
-        logo_affinity_lr=Param(StrictFloat(0.0), "LoGo: Adam lr of the affinity MLP", default=1e-3),
-        logo_clip=Param(StrictFloat(0.0), "LoGo: instead of lambda, clip L_ll's gradient norm to this x the main "
-                        "loss's (the public MoCo code: 0.015); 0 = off", default=0.0),
     )
+    for name, description, params in _method_sections():  # co, logo, moco, dino: declared by methods/
+        _section(cfg, name, description).params(**params)
     _section(cfg, "augment", "Views (train loader)").params(
         res=Param(StrictInt(8), "side of each view, px (the final one if progressive)", default=32),
         res_start=Param(StrictInt(0), "progressive resolution: side at epoch 0 (0 = off)", default=0),
@@ -587,8 +566,28 @@ def _parse_overrides(args):
     return out
 
 
-RENAMED = {}     # old key -> its new name, for keys that moved (a config naming the old one is told the new one)
-RENAMED_IN = {}  # old key -> the version that renamed it
+# old key -> its new name, for keys that moved (a config naming the old one is told the new one; a checkpoint's
+# config is read with the new names, config.upgrade)
+RENAMED = {**{f"method.{k}": f"co.{k}" for k in ("w_s", "mixing", "local_grid", "local_layer", "local_hidden")},
+           "method.logo": "logo.enabled",
+           **{f"method.logo_{k}": f"logo.{k}" for k in ("lambda", "local_res", "global_cmin", "local_cmax",
+                                                           "affinity_lr", "clip")},
+           "method.queue_size": "moco.queue_size",
+           **{f"method.dino_{k}": f"dino.{k}" for k in ("out_dim", "student_temp", "teacher_temp",
+                                                          "warmup_teacher_temp", "warmup_teacher_temp_epochs",
+                                                          "center_momentum", "freeze_last_layer")}}
+RENAMED_IN = {k: "0.8.0" for k in RENAMED}  # old key -> the version that renamed it
+
+
+def upgrade(tree):
+    """A config as {'section': {'key': value}} written by an older version (a checkpoint's), with its renamed keys
+    under their new names."""
+    out = {sec: dict(keys) for sec, keys in tree.items() if isinstance(keys, dict)}
+    for old, new in RENAMED.items():
+        (osec, okey), (nsec, nkey) = old.split(".", 1), new.split(".", 1)
+        if okey in out.get(osec, {}):
+            out.setdefault(nsec, {}).setdefault(nkey, out[osec].pop(okey))
+    return out
 
 
 def load_config(path=None, overrides=()):

@@ -39,10 +39,10 @@ def small_config(cfg, res, batch):
                  "--training.nan_check_every=1"]
     if cfg["augment.local_views"]:
         overrides.append(f"--augment.local_res={local_res}")
-    if cfg["method.logo"]:
-        overrides.append(f"--method.logo_local_res={local_res}")
+    if cfg["logo.enabled"]:
+        overrides.append(f"--logo.local_res={local_res}")
     if cfg["method.name"] == "moco_v2":  # the queue must hold at least one step's keys of the small batch
-        overrides.append(f"--method.queue_size={max(cfg['method.queue_size'], 2 * batch)}")
+        overrides.append(f"--moco.queue_size={max(cfg['moco.queue_size'], 2 * batch)}")
     return load_config(cfg.source_file, [*(f"--{k}={v}" for k, v in cfg.overrides.items()), *overrides])
 
 

@@ -133,6 +133,12 @@ def nonfinite_tensors(tree, name=""):
     return [bad for k, v in items for bad in nonfinite_tensors(v, f"{name}.{k}" if name else str(k))]
 
 
+def upgrade(config):
+    """A stored config (a checkpoint's, an eval.json's) with the keys an older version named otherwise renamed."""
+    from config import upgrade as upgrade_config
+    return upgrade_config(config)
+
+
 def read_checkpoint(path):
     """A train_coss.py checkpoint.pt as a dict, or CheckpointError with one line saying what is wrong with it."""
     if not os.path.isfile(path):
@@ -154,6 +160,7 @@ def read_checkpoint(path):
     if bad:
         raise CheckpointError(f"{path} holds NaN/inf in {len(bad)} tensors (e.g. {', '.join(bad[:3])}); refusing "
                               f"to use it")
+    ck["config"] = upgrade(ck["config"])  # keys an older version named otherwise, under today's names
     return ck
 
 
@@ -320,7 +327,7 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print, na
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     ck_file = os.path.join(ckpt, "checkpoint.pt") if os.path.isdir(ckpt) else ckpt
     out = {"checkpoint": os.path.abspath(ckpt), "checkpoint_id": checkpoint_identity(ck_file),
-           "config": {s: run_cfg.get(s) for s in ("model", "method")},
+           "config": {s: run_cfg.get(s) for s in ("model", "method", "co", "logo", "moco", "dino")},
            "settings": eval_settings(cfg), "images": {"train": len(train_f), "val": len(val_f)}, "knn": {}}
     bank, query = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
     for k in cfg["linear.knn_k"]:
@@ -468,7 +475,7 @@ def compare(runs, names, out_dir, overrides=(), device="cpu", log=print, command
         if rnd:  # the untrained network's kNN, drawn at epoch 0
             logs[name].insert(0, {"epoch": -1, "knn": rnd["knn"]})
     plot_curves(logs, os.path.join(out_dir, "curves.png"),
-                {name: results[name]["config"]["method"] for name in names})
+                {name: upgrade(results[name]["config"]) for name in names})
     plot_robustness(results, os.path.join(out_dir, "robustness.png"))
     if command is None:
         command = shlex.join(["python", "evaluate.py", "--compare", *runs, "--names", *names, "--out", out_dir,

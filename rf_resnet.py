@@ -288,7 +288,7 @@ class RFResNet(nn.Module):
 
     def forward(self, x, map_stage=None):
         """(feature map, pooled features of the last stage). map_stage: return the map of that stage (1-based)
-        instead of the last one's (CO methods' method.local_layer=previous)."""
+        instead of the last one's (CO methods' co.local_layer=previous)."""
         x = self.conv1(x)
         if self.layout.stem == "bagnet":
             x = self.stem_conv2(x)

@@ -15,7 +15,7 @@ def run_folder(cfg):
     out, name = cfg["training.out_dir"], cfg["training.run_name"]
     if name:
         return os.path.join(out, name)
-    base = (f"{cfg['method.name']}{'_logo' if cfg['method.logo'] else ''}_{cfg['model.backbone']}"
+    base = (f"{cfg['method.name']}{'_logo' if cfg['logo.enabled'] else ''}_{cfg['model.backbone']}"
             f"_s{cfg['training.seed']}_")
     if cfg["training.resume"] and os.path.isdir(out):
         earlier = sorted(d for d in os.listdir(out) if d.startswith(base))

@@ -32,12 +32,12 @@ def build_model(cfg, num_classes, device, init=True):
     if cfg["model.init"] and init:
         load_init(backbone, cfg["model.init"])
     online = methods.build_net(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
-                    cfg["method.pred_hidden"], cfg["method.local_hidden"], cfg["method.local_grid"],
-                    cfg["method.local_layer"], cfg["method.dino_out_dim"], cfg["method.proj_out_bn"],
+                    cfg["method.pred_hidden"], cfg["co.local_hidden"], cfg["co.local_grid"],
+                    cfg["co.local_layer"], cfg["dino.out_dim"], cfg["method.proj_out_bn"],
                     cfg["method.pred_out_bn"])
     target = TargetNet(online) if methods.get(cfg["method.name"]).ema_target else None
     probe = nn.Linear(backbone.num_features, num_classes)
-    affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["method.logo"] else None
+    affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["logo.enabled"] else None
     if cfg["training.sync_bn"] and device.type == "cuda":  # as the references: the online and target networks
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target) if target is not None else None
@@ -127,9 +127,9 @@ def loss_spec(cfg):
     if cfg["training.compile"] and kernels == "auto":
         kernels = "ref"
     plan = view_plan(cfg)
-    return LossSpec(cfg["method.name"], cfg["method.w_s"], cfg["method.temperature"], cfg["method.mixing"], kernels,
-                    cfg["method.logo_clip"], cfg["method.logo_lambda"], cfg["method.logo"], plan.n_global,
-                    plan.n_local, cfg["method.dino_student_temp"], cfg["method.dino_center_momentum"])
+    return LossSpec(cfg["method.name"], cfg["co.w_s"], cfg["method.temperature"], cfg["co.mixing"], kernels,
+                    cfg["logo.clip"], cfg["logo.lambda"], cfg["logo.enabled"], plan.n_global,
+                    plan.n_local, cfg["dino.student_temp"], cfg["dino.center_momentum"])
 
 def method_loss(spec, online, target, packed, local_packed, affinity, state=None, noise=None):
     """The method's loss on packed views (pack_views): the global views, and the local views or None. spec:
@@ -210,7 +210,7 @@ class Run:
         self.peak_lr = cfg["optim.lr"] * cfg["optim.batch_size"] * world / 256
         self.opt = build_optimizer(cfg, self.online, self.peak_lr)
         self.probe_opt = torch.optim.SGD(self.probe.parameters(), lr=cfg["optim.probe_lr"], momentum=0.9)
-        self.aff_opt = (torch.optim.Adam(self.affinity.parameters(), lr=cfg["method.logo_affinity_lr"])
+        self.aff_opt = (torch.optim.Adam(self.affinity.parameters(), lr=cfg["logo.affinity_lr"])
                         if self.affinity is not None else None)
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16,
                                   enabled=device.type == "cuda" and cfg["training.bf16"])
@@ -532,9 +532,9 @@ def check_local_map(cfg, online, device):
     backbone.eval()
     side = backbone(torch.zeros(1, 3, res, res, device=device), online.map_stage)[0].shape[-1]
     backbone.train(was_training)
-    grid = cfg["method.local_grid"]
+    grid = cfg["co.local_grid"]
     if grid == 1 or side == 1:
-        why = ("method.local_grid=1 pools the feature map to 1x1" if side > 1 else
+        why = ("co.local_grid=1 pools the feature map to 1x1" if side > 1 else
                f"{cfg['model.backbone']} turns a {res} px view into a 1x1 feature map (stride {res}); raise "
                f"augment.res{' and augment.res_start' if cfg['augment.res_start'] else ''} to at least {2 * res} "
                f"or choose a backbone with a smaller stride (python rf_resnet.py --list)")

@@ -47,7 +47,8 @@ from train_data import (betons, clamp_loader_workers, resolution_at, train_loade
 from write_ffcv import BetonError, quiet_numba_finalizers
 
 DEMO_CONFIG = "configs/fmnist.yaml"
-CONFIG_SECTIONS = ("data", "model", "method", "augment", "optim", "training", "eval")  # what train_coss reads
+CONFIG_SECTIONS = ("data", "model", "method", "co", "logo", "moco", "dino", "augment", "optim", "training",
+                   "eval")  # what train_coss reads
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,9 +99,9 @@ def setup_distributed(device_pref):
 def check_options(cfg, num_train, world):
     name = cfg["method.name"]
     method = methods.get(name)
-    if cfg["method.logo"] and not method.logo_base:
+    if cfg["logo.enabled"] and not method.logo_base:
         bases = " or ".join(m.name for m in methods.REGISTRY.values() if m.logo_base)
-        raise TrainingError(f"method.logo=1 needs method.name {bases} (LoGo's bases), got {name}")
+        raise TrainingError(f"logo.enabled=1 needs method.name {bases} (LoGo's bases), got {name}")
     if cfg["method.proj_out_bn"] != "auto" and method.own_head_form:
         raise TrainingError(f"method.proj_out_bn={cfg['method.proj_out_bn']}: {name}'s head has its own form; "
                             "leave it auto")
@@ -110,18 +111,18 @@ def check_options(cfg, num_train, world):
         method.check(cfg, world)
     except MethodError as e:
         raise TrainingError(str(e)) from None
-    if cfg["method.mixing"] == "convex" and cfg["method.w_s"] > 1:
-        raise TrainingError(f"method.w_s={cfg['method.w_s']} > 1 with convex mixing; use method.mixing=additive")
+    if cfg["co.mixing"] == "convex" and cfg["co.w_s"] > 1:
+        raise TrainingError(f"co.w_s={cfg['co.w_s']} > 1 with convex mixing; use co.mixing=additive")
     if cfg["augment.local_cmin"] > cfg["augment.local_cmax"]:
         raise TrainingError(f"augment.local_cmin={cfg['augment.local_cmin']} is above augment.local_cmax="
                             f"{cfg['augment.local_cmax']}")
-    if cfg["method.logo"] and (cfg["augment.global_views"] != 2 or cfg["augment.local_views"]):
-        raise TrainingError("method.logo=1 makes its own 2 global + 2 local views (method.logo_local_res, "
+    if cfg["logo.enabled"] and (cfg["augment.global_views"] != 2 or cfg["augment.local_views"]):
+        raise TrainingError("logo.enabled=1 makes its own 2 global + 2 local views (logo.local_res, "
                             "logo_global_cmin, logo_local_cmax); leave augment.global_views=2 and local_views=0")
-    if cfg["method.logo_clip"] and world > 1:
-        raise TrainingError("method.logo_clip is single-process only for now; use method.logo_lambda under torchrun")
-    if cfg["method.logo"] and cfg["method.logo_local_cmax"] <= 0.05:
-        raise TrainingError(f"method.logo_local_cmax={cfg['method.logo_local_cmax']} is not above 0.05, LoGo's "
+    if cfg["logo.clip"] and world > 1:
+        raise TrainingError("logo.clip is single-process only for now; use logo.lambda under torchrun")
+    if cfg["logo.enabled"] and cfg["logo.local_cmax"] <= 0.05:
+        raise TrainingError(f"logo.local_cmax={cfg['logo.local_cmax']} is not above 0.05, LoGo's "
                             f"smallest local crop scale (its local crops take scale (0.05, logo_local_cmax))")
     check_view_sizes(cfg)
     out_dir, run_name = cfg["training.out_dir"], cfg["training.run_name"]
@@ -148,8 +149,8 @@ def check_view_sizes(cfg):
     views = [("augment.res", cfg["augment.res"]), ("augment.res_start", cfg["augment.res_start"])]
     if cfg["augment.local_views"]:
         views.append(("augment.local_res", cfg["augment.local_res"]))
-    if cfg["method.logo"]:
-        views.append(("method.logo_local_res", cfg["method.logo_local_res"]))
+    if cfg["logo.enabled"]:
+        views.append(("logo.local_res", cfg["logo.local_res"]))
     small = [f"{key}={res}" for key, res in views if res and res < need]
     if small:
         raise TrainingError(f"model.backbone={cfg['model.backbone']} needs views of at least {need} px (its unpadded "

@@ -34,9 +34,9 @@ class ViewPlan(NamedTuple):
 
 def view_plan(cfg):
     """LoGo's 2 global + 2 local crops (its method.logo_* keys), or augment's global_views + local_views."""
-    if cfg["method.logo"]:
-        return ViewPlan(2, (cfg["method.logo_global_cmin"], 1.0), 2, cfg["method.logo_local_res"],
-                        (0.05, cfg["method.logo_local_cmax"]))
+    if cfg["logo.enabled"]:
+        return ViewPlan(2, (cfg["logo.global_cmin"], 1.0), 2, cfg["logo.local_res"],
+                        (0.05, cfg["logo.local_cmax"]))
     return ViewPlan(cfg["augment.global_views"], (cfg["augment.c_min"], 1.0), cfg["augment.local_views"],
                     cfg["augment.local_res"], (cfg["augment.local_cmin"], cfg["augment.local_cmax"]))
 
@@ -85,7 +85,7 @@ def view_augments(cfg):
             ViewAugment(p_blur=cfg["augment.p_blur2"], p_solarize=cfg["augment.p_solarize2"], **common))
     local = ViewAugment(p_blur=cfg["augment.p_blur_local"], p_solarize=cfg["augment.p_solarize_local"], **common)
     globals_ = tuple(pair[i % 2] for i in range(plan.n_global))
-    locals_ = tuple(pair[i % 2] if cfg["method.logo"] else local for i in range(plan.n_local))
+    locals_ = tuple(pair[i % 2] if cfg["logo.enabled"] else local for i in range(plan.n_local))
     return globals_, locals_
 
 def view_maker(cfg, device):

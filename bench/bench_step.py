@@ -28,7 +28,7 @@ from config import load_config  # noqa: E402
 def bench_one(method, backbone, res, batch, device, compile_, fuse, iters, warmup, local_hidden):
     cfg = load_config(None, [f"--method.name={method}", f"--model.backbone={backbone}", f"--augment.res={res}",
                              f"--optim.batch_size={batch}", "--method.proj_hidden=4096", "--method.proj_dim=256",
-                             "--method.pred_hidden=4096", f"--method.local_hidden={local_hidden}",
+                             "--method.pred_hidden=4096", f"--co.local_hidden={local_hidden}",
                              "--optim.lars_eta=0.001", "--optim.lr=0.1", "--optim.weight_decay=1e-6",
                              "--augment.p_blur1=1.0", "--augment.p_blur2=0.1",  # BYOL's ImageNet views
                              f"--training.compile={compile_}", f"--training.fuse_views={fuse}",

@@ -110,12 +110,12 @@ def our_config(method, recipe, seed, extra=()):
         "--optim.warmup_epochs=0", f"--optim.weight_decay={recipe['weight_decay']}", f"--optim.tau={recipe['tau']}",
         "--optim.tau_schedule=constant", "--optim.momentum=0.9", "--optim.lars_eta=0", f"--training.seed={seed}",
         "--eval.bank_images=10000", "--eval.val_images=0",
-        *([f"--method.dino_out_dim={recipe['dino_out_dim']}", f"--method.dino_student_temp={recipe['student_temp']}",
-           f"--method.dino_teacher_temp={recipe['teacher_temp']}",
-           f"--method.dino_warmup_teacher_temp={recipe['teacher_temp']}", "--method.dino_warmup_teacher_temp_epochs=0",
-           f"--method.dino_center_momentum={recipe['center_momentum']}", "--method.dino_freeze_last_layer=0"]
+        *([f"--dino.out_dim={recipe['dino_out_dim']}", f"--dino.student_temp={recipe['student_temp']}",
+           f"--dino.teacher_temp={recipe['teacher_temp']}",
+           f"--dino.warmup_teacher_temp={recipe['teacher_temp']}", "--dino.warmup_teacher_temp_epochs=0",
+           f"--dino.center_momentum={recipe['center_momentum']}", "--dino.freeze_last_layer=0"]
           if method == "dino" else []),
-        *([f"--method.queue_size={recipe['queue']}", "--method.proj_hidden=1024"] if method == "moco_v2" else []),
+        *([f"--moco.queue_size={recipe['queue']}", "--method.proj_hidden=1024"] if method == "moco_v2" else []),
         *extra]
     return load_config(os.path.join(ROOT, "configs", "fmnist.yaml"), overrides)
 

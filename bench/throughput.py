@@ -21,7 +21,7 @@ the share of the roofline (training FLOPs per image x img/s / peak; FLOPs = 2 x 
 2 x forward, target forward for the BYOL family, all views; peak on a GPU: a measured dense bf16 matmul; on the
 CPU: the cores' nominal fp32 FMA peak, cores x clock x FLOPs per cycle from the vector width, and a measured fp32
 matmul beside it) and the projected time of one ImageNet-100 epoch (126,689 images). method "logo" means
-method.name=byol, method.logo=1.
+method.name=byol, logo.enabled=1.
 """
 import argparse
 import json
@@ -156,12 +156,12 @@ def case_config(method, backbone, res, decode, switches, args, device):
         return load_config(args.config, common + [f"--{kv}" for kv in args.set])
     name, logo = ("byol", 1) if method == "logo" else (method, 0)
     return load_config(None, [
-        f"--method.name={name}", f"--method.logo={logo}", f"--model.backbone={backbone}", f"--augment.res={res}",
+        f"--method.name={name}", f"--logo.enabled={logo}", f"--model.backbone={backbone}", f"--augment.res={res}",
         f"--optim.batch_size={args.batch}", f"--data.decode={decode}",
         "--augment.interpolation=bilinear", "--augment.p_blur1=1.0", "--augment.p_blur2=0.1",
         "--augment.c_min=0.08", "--method.proj_hidden=4096", "--method.proj_dim=256",
-        "--method.pred_hidden=4096", "--method.local_hidden=1024", "--optim.lars_eta=0.001",
-        "--optim.weight_decay=1e-6", "--optim.lr=0.1", f"--method.logo_local_res={args.local_res}"]
+        "--method.pred_hidden=4096", "--co.local_hidden=1024", "--optim.lars_eta=0.001",
+        "--optim.weight_decay=1e-6", "--optim.lr=0.1", f"--logo.local_res={args.local_res}"]
         + common + [f"--{kv}" for kv in args.set])
 
 
@@ -217,7 +217,7 @@ def bench_cases(path, method, backbone, res, decode, args, device, peak):
         batches.close()
         step_s, batch = statistics.median(case["windows"]), cfg["optim.batch_size"]
         img_s, flops = batch / step_s, train_flops_per_image(cfg, run.online, run.target, cfg["augment.res"])
-        return {"method": cfg["method.name"] + ("+logo" if cfg["method.logo"] else "") if args.config else method,
+        return {"method": cfg["method.name"] + ("+logo" if cfg["logo.enabled"] else "") if args.config else method,
                 "views": "{0.n_global}+{0.n_local}".format(train_coss.view_plan(cfg)),
                 "backbone": cfg["model.backbone"], "res": cfg["augment.res"], "decode": cfg["data.decode"],
                 "batch": batch, **case["switches"], "img_per_s": img_s, "step_ms": step_s * 1e3,

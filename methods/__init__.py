@@ -1,12 +1,18 @@
 """The method registry: one module per family (byol, simclr, moco_v3, moco_v2, dino, simsiam), each declaring its
 methods (a base and, where it has one, its CO variant; methods/base.py says what a method declares). The method
 choice, --help and the every-method tests read REGISTRY; an unknown name is an error, never another method."""
-from methods import byol, dino, moco_v2, moco_v3, simclr, simsiam
+from methods import byol, dino, logo, moco_v2, moco_v3, simclr, simsiam
 from models import SSLNet
+from methods.base import co_section
 from methods.base import HeadArgs, Method, MethodError, co_variant, forward_views, pack_views  # noqa: F401
 
 REGISTRY = {m.name: m for module in (byol, simclr, moco_v3, dino, moco_v2, simsiam) for m in module.METHODS}
 NAMES = tuple(REGISTRY)
+
+
+def config_sections():
+    """The config sections the methods declare, as (name, description, {key: Param})."""
+    return [co_section(), logo.section(), moco_v2.section(), dino.section()]
 
 
 def get(name):

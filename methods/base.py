@@ -18,7 +18,21 @@ from typing import NamedTuple
 
 import torch
 
+from config import Choice, Param, StrictFloat, StrictInt
 from models import local_mlp, mlp
+
+
+def co_section():
+    """The CO variants' keys (co.*): how the local term is made and mixed."""
+    return ("co", "CO variants: the local term (co_byol, co_simclr, co_moco_v3, co_dino)", dict(
+        w_s=Param(StrictFloat(0.0), "weight of the local term (0.2: the CPU demo; in100 configs: 0.5)", default=0.2),
+        mixing=Param(Choice("convex", "additive"), "(1-w_s) L_g + w_s L_l, or L_g + w_s L_l", default="convex"),
+        local_grid=Param(StrictInt(0), "adaptive-avg-pool the map to n x n before the local heads; 0 = native",
+                         default=0),
+        local_layer=Param(Choice("last", "previous"), "the local representations are the map of the backbone's "
+                          "last stage, or of the stage before it (twice the side, half the channels of a ResNet); "
+                          "the global branch always pools the last stage", default="last"),
+        local_hidden=Param(StrictInt(1), "local head hidden width (1x1 convs)", default=256)))
 
 
 def pack_views(views, fuse):
@@ -57,7 +71,7 @@ class MethodError(ValueError):
 class HeadArgs(NamedTuple):
     """The sizes the heads are built from (method.* keys), and the channels they read."""
     in_dim: int          # backbone channels of the pooled vector
-    local_in_dim: int    # channels of the map the local heads read (method.local_layer)
+    local_in_dim: int    # channels of the map the local heads read (co.local_layer)
     proj_hidden: int
     proj_dim: int
     pred_hidden: int
@@ -127,7 +141,7 @@ class Method:
 
     def logo_local_global(self, spec, outs, locs, ctx):
         """LoGo's L_lg on this base, or None when global_loss already holds it (MoCo v2, as LoGo's code)."""
-        raise MethodError(f"method.logo=1 is not defined on {self.name}")
+        raise MethodError(f"logo.enabled=1 is not defined on {self.name}")
 
     def state_update(self, spec, ctx):
         """The state's update, computed in the graph (applied by apply_update after the backward), or None."""

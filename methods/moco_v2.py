@@ -7,8 +7,15 @@ import torch.nn.functional as F
 
 from distributed import gather_views
 from losses import enqueue, multicrop_moco_v2
+from config import Param, StrictInt
 from methods.base import Method, MethodError, forward_views
 from models import moco_v2_head
+
+
+def section():
+    return ("moco", "MoCo v2's queue", dict(
+        queue_size=Param(StrictInt(1), "keys in the queue of negatives (MoCo v2: 65536; LoGo's code: 4096)",
+                         default=4096)))
 
 
 class MoCoV2(Method):
@@ -24,7 +31,7 @@ class MoCoV2(Method):
 
     def init_state(self, cfg, device):
         g = torch.Generator().manual_seed(cfg["training.seed"])
-        queue = F.normalize(torch.randn(cfg["method.queue_size"], cfg["method.proj_dim"], generator=g), dim=1)
+        queue = F.normalize(torch.randn(cfg["moco.queue_size"], cfg["method.proj_dim"], generator=g), dim=1)
         return queue.to(device), torch.zeros((), dtype=torch.long, device=device)
 
     def other_side(self, spec, target, packed, outs):
@@ -47,8 +54,8 @@ class MoCoV2(Method):
 
     def check(self, cfg, world):
         keys = cfg["augment.global_views"] * cfg["optim.batch_size"] * world
-        if cfg["method.queue_size"] < keys:
-            raise MethodError(f"method.queue_size={cfg['method.queue_size']} is smaller than the {keys} keys one step "
+        if cfg["moco.queue_size"] < keys:
+            raise MethodError(f"moco.queue_size={cfg['moco.queue_size']} is smaller than the {keys} keys one step "
                               f"enqueues ({cfg['augment.global_views']} views x batch {cfg['optim.batch_size']} x "
                               f"{world} process(es)); the queue would hold duplicate rows; use at least {keys}")
 

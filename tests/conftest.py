@@ -69,10 +69,10 @@ def read_beton(path):
 # A tiny training set-up: 64 synthetic images, width-4 nets, 16 px views (trainer and evaluation tests).
 TINY = ["--data.source=synthetic", "--data.synthetic_images=96", "--data.synthetic_min_size=20",
         "--data.synthetic_max_size=40", "--data.name=tiny", "--model.width=4", "--method.proj_hidden=32",
-        "--method.proj_dim=16", "--method.pred_hidden=32", "--method.local_hidden=16", "--augment.res=16",
+        "--method.proj_dim=16", "--method.pred_hidden=32", "--co.local_hidden=16", "--augment.res=16",
         "--augment.workers=1", "--optim.batch_size=16", "--optim.epochs=2", "--training.train_images=64",
         "--training.log_every=1", "--eval.bank_images=48", "--eval.val_images=24", "--eval.probe_iters=20",
-        "--eval.random_init=0", "--method.logo_local_res=8", "--training.threads=1",
+        "--eval.random_init=0", "--logo.local_res=8", "--training.threads=1",
         "--training.device=cpu"]  # CPU even on a GPU machine: exact resume and DDP-vs-one-rank need determinism
 
 

@@ -1,6 +1,7 @@
 """The strict config loader shared by write_ffcv.py and train_coss.py."""
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -71,7 +72,7 @@ def test_unknown_yaml_key_fails_naming_it(tmp_path, path):
 def test_unknown_section_and_cli_key_fail(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dta:\n  name: x\n")
-    with pytest.raises(ConfigError, match="'dta.name'.*known sections: analysis, augment, data, eval, linear, method, model, optim, robust, training, writer"):
+    with pytest.raises(ConfigError, match="'dta.name'.*known sections: analysis, augment, co, data, dino, eval, linear, logo, method, moco, model, optim, robust, training, writer"):
         load_config(bad)
     with pytest.raises(ConfigError, match="unknown command line key 'data.nam'"):
         load_config(None, ["--data.nam=x"])
@@ -168,9 +169,9 @@ def test_a_key_given_as_section_dot_key_beside_its_block_is_refused(tmp_path, co
     path.write_text(content)
     with pytest.raises(ConfigError, match="'method.name' is given twice"):
         load_config(str(path))
-    path.write_text("method.w_s: 0.3\nmethod:\n  name: byol\n")  # two different keys of one section: fine
+    path.write_text("co.w_s: 0.3\nmethod:\n  name: byol\n")  # two different keys of one section: fine
     cfg = load_config(str(path))
-    assert cfg["method.w_s"] == 0.3 and cfg["method.name"] == "byol"
+    assert cfg["co.w_s"] == 0.3 and cfg["method.name"] == "byol"
 
 
 def test_an_unknown_backbone_is_a_bad_value_naming_the_presets():
@@ -179,12 +180,35 @@ def test_an_unknown_backbone_is_a_bad_value_naming_the_presets():
         load_config(None, ["--model.backbone=resnet19"])
 
 
+@pytest.mark.parametrize("old,new", sorted(__import__("config").RENAMED.items()))
+def test_each_key_that_moved_to_its_methods_section_is_refused_naming_the_new_one(tmp_path, old, new):
+    """0.8.0 moved the method-specific keys into the sections the methods declare (co.*, logo.*, moco.*, dino.*)."""
+    with pytest.raises(ConfigError, match=f"key '{re.escape(old)}' is now '{re.escape(new)}' \\(renamed in version "
+                                          f"0.8.0\\)"):
+        load_config(None, [f"--{old}=1"])
+    section, key = old.split(".", 1)
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=f"is now '{re.escape(new)}'"):
+        load_config(str(path))
+
+
+def test_an_old_checkpoints_config_reads_with_the_new_names():
+    from config import upgrade
+    old = {"method": {"name": "co_dino", "w_s": 0.3, "logo": False, "dino_out_dim": 64, "queue_size": 99},
+           "optim": {"lr": 0.1}}
+    new = upgrade(old)
+    assert new["method"] == {"name": "co_dino"} and new["co"] == {"w_s": 0.3} and new["logo"] == {"enabled": False}
+    assert new["dino"] == {"out_dim": 64} and new["moco"] == {"queue_size": 99} and new["optim"] == {"lr": 0.1}
+    assert old["method"]["w_s"] == 0.3  # the stored dict is left as it was
+
+
 def test_a_renamed_key_is_refused_naming_its_new_name(tmp_path, monkeypatch):
     import config
-    monkeypatch.setitem(config.RENAMED, "method.dino_teacher_t", "method.dino_teacher_temp")
+    monkeypatch.setitem(config.RENAMED, "method.dino_teacher_t", "dino.teacher_temp")
     monkeypatch.setitem(config.RENAMED_IN, "method.dino_teacher_t", "0.7.0")
     (tmp_path / "old.yaml").write_text("method:\n  dino_teacher_t: 0.05\n")
-    with pytest.raises(ConfigError, match="'method.dino_teacher_t' is now 'method.dino_teacher_temp' \\(renamed in "
+    with pytest.raises(ConfigError, match="'method.dino_teacher_t' is now 'dino.teacher_temp' \\(renamed in "
                                           "version 0.7.0\\)"):
         load_config(str(tmp_path / "old.yaml"))
     with pytest.raises(ConfigError, match="command line key 'method.dino_teacher_t' is now"):

@@ -68,8 +68,8 @@ def test_the_step_centres_the_teacher_with_momentum():
     """One loss of the trainer: the centre moves to m c + (1 - m) x the mean of the teacher's logits of both global
     views, and the loss used the centre from before the update."""
     import train_coss
-    cfg = load_config(None, TINY + ["--method.name=co_dino", "--method.dino_out_dim=12",
-                                    "--method.dino_center_momentum=0.8"])
+    cfg = load_config(None, TINY + ["--method.name=co_dino", "--dino.out_dim=12",
+                                    "--dino.center_momentum=0.8"])
     torch.manual_seed(0)
     online, target, _, _ = train_coss.build_model(cfg, 10, torch.device("cpu"))
     x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
@@ -91,8 +91,8 @@ def test_the_step_centres_the_teacher_with_momentum():
 def test_last_layer_is_weight_normalised_and_frozen_in_the_first_epoch():
     import train_coss
     from models import NormedLinear
-    cfg = load_config(None, TINY + ["--method.name=dino", "--method.dino_out_dim=12", "--optim.lars_eta=0",
-                                    "--method.dino_freeze_last_layer=1"])
+    cfg = load_config(None, TINY + ["--method.name=dino", "--dino.out_dim=12", "--optim.lars_eta=0",
+                                    "--dino.freeze_last_layer=1"])
     torch.manual_seed(0)
     run = train_coss.build_run(cfg, torch.device("cpu"), num_classes=10)
     layer = run.online.projector.prototypes

@@ -147,7 +147,7 @@ def test_plots_are_written(tmp_path):
     plot_erf(np.zeros((32, 32, 3), np.uint8), torch.rand(2, 32, 32), [(1, 1), (2, 3)],
              get_layout("resnet18_w16_cifar"), tmp_path / "e.png", "t")
     rows = [{"epoch": 0, "step": 4, "loss": 1.0}, {"epoch": 1, "step": 8, "loss": 0.5}, {"epoch": 1, "knn": 0.5}]
-    plot_curves({"a": rows, "b": rows}, tmp_path / "c.png", {"a": {"name": "byol"}, "b": {"name": "simclr"}})
+    plot_curves({"a": rows, "b": rows}, tmp_path / "c.png", {"a": {"method": {"name": "byol"}}, "b": {"method": {"name": "simclr"}}})
     rob = {"robustness": {"corruptions": {"jpeg": {"1": 0.5, "2": 0.4}}, "masking": {"0": 0.5}, "pgd": {"1": 0.3}}}
     plot_robustness({"a": rob}, tmp_path / "r.png")
     for f in ("s.png", "e.png", "c.png", "r.png"):

@@ -183,7 +183,7 @@ def test_a_warm_up_longer_than_the_run_is_refused_or_under_a_budget_shrunk_with_
 
 
 @pytest.mark.parametrize("extra, message", [(["--augment.res=8"], "1x1 feature map"),
-                                            (["--method.local_grid=1"], "local_grid=1")])
+                                            (["--co.local_grid=1"], "local_grid=1")])
 def test_a_co_method_on_a_1x1_feature_map_is_refused(betons, tmp_path, extra, message):
     with pytest.raises(TrainingError, match=f"co_byol needs a feature map of at least 2x2.*{message}"):
         train(tiny_cfg(betons, tmp_path, *extra), log=quiet)

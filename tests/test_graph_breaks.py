@@ -11,7 +11,7 @@ from config import load_config
 from conftest import TINY
 
 LAYOUTS = [(name, []) for name in methods.NAMES] + \
-    [(m.name, ["--method.logo=1"]) for m in methods.REGISTRY.values() if m.logo_base] + \
+    [(m.name, ["--logo.enabled=1"]) for m in methods.REGISTRY.values() if m.logo_base] + \
     [("co_byol", ["--augment.local_views=2", "--augment.local_res=8"]),
      ("co_dino", ["--augment.global_views=3", "--augment.local_views=1", "--augment.local_res=8"]),
      ("co_simclr", ["--training.fuse_views=0"])]

@@ -65,7 +65,7 @@ def test_the_queue_is_first_in_first_out_with_wrap_around():
 
 def test_the_trainers_step_enqueues_its_keys_and_keeps_the_momentum_constant():
     import train_coss
-    cfg = load_config(None, TINY + ["--method.name=moco_v2", "--method.queue_size=40", "--optim.tau=0.999",
+    cfg = load_config(None, TINY + ["--method.name=moco_v2", "--moco.queue_size=40", "--optim.tau=0.999",
                                     "--optim.tau_schedule=constant"])
     torch.manual_seed(0)
     run = train_coss.build_run(cfg, torch.device("cpu"), num_classes=10)

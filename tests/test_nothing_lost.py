@@ -405,16 +405,16 @@ def test_resuming_with_another_batch_size_is_refused_with_one_line(betons, train
 
 
 def test_print_config_refuses_what_the_run_refuses():
-    line = _one_error_line(_cli("train_coss.py", "--print-config", "--method.name=byol", "--method.logo=1",
-                                "--method.logo_local_cmax=0.04"), "train_coss.py")
+    line = _one_error_line(_cli("train_coss.py", "--print-config", "--method.name=byol", "--logo.enabled=1",
+                                "--logo.local_cmax=0.04"), "train_coss.py")
     assert "not above 0.05" in line
 
 
 @pytest.mark.parametrize("extra,key", [(["--augment.res=16"], "augment.res=16"),
                                        (["--augment.res=48", "--augment.local_views=2", "--augment.local_res=8"],
                                         "augment.local_res=8"),
-                                       (["--augment.res=48", "--method.logo=1", "--method.logo_local_res=16"],
-                                        "method.logo_local_res=16")])
+                                       (["--augment.res=48", "--logo.enabled=1", "--logo.local_res=16"],
+                                        "logo.local_res=16")])
 def test_views_too_small_for_the_backbone_are_one_line(betons, tmp_path, extra, key):
     """BagNet-33's unpadded convolutions fail inside the first forward on views under 33 px (global, multi-crop's
     local or LoGo's local): refused before any work, naming the key and the size it needs."""

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, TINY
 
 DATA = os.path.join(REPO, "tests", "data")
-WRITTEN_WITH = ["--method.dino_out_dim=64", "--method.logo_local_res=16"]  # besides TINY, as the runs were written
+WRITTEN_WITH = ["--dino.out_dim=64", "--logo.local_res=16"]  # besides TINY, as the runs were written
 OLD_RUNS = {"co_byol_0.7.0": ["--method.name=co_byol", *WRITTEN_WITH],
             "dino_0.7.0": ["--method.name=dino", *WRITTEN_WITH]}
 

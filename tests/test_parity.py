@@ -128,9 +128,9 @@ def test_moco_v3_and_dino_recipes_reach_our_config():
     assert (cfg["method.name"], cfg["method.temperature"], cfg["optim.lr"]) == ("moco_v3", 0.2, pytest.approx(0.06))
     assert (cfg["method.proj_out_bn"], cfg["method.pred_out_bn"]) == ("auto", "auto")  # as MoCo v3's ResNet code
     cfg = parity.our_config("dino", parity.recipe_of("dino", []), 0)
-    assert (cfg["method.dino_out_dim"], cfg["method.dino_student_temp"], cfg["method.dino_teacher_temp"],
-            cfg["method.dino_warmup_teacher_temp"], cfg["method.dino_center_momentum"],
-            cfg["method.dino_freeze_last_layer"]) == (4096, 0.1, 0.04, 0.04, 0.9, 0)
+    assert (cfg["dino.out_dim"], cfg["dino.student_temp"], cfg["dino.teacher_temp"],
+            cfg["dino.warmup_teacher_temp"], cfg["dino.center_momentum"],
+            cfg["dino.freeze_last_layer"]) == (4096, 0.1, 0.04, 0.04, 0.9, 0)
     assert (cfg["optim.tau"], cfg["optim.tau_schedule"]) == (0.99, "constant")
 
 
@@ -153,4 +153,4 @@ def test_moco_v2_lr_scale_makes_the_updates_equal():
     for a, b in zip(ours, ref):
         torch.testing.assert_close(scale * a, b)
     cfg = parity.our_config("moco_v2", parity.recipe_of("moco_v2", []), 0)
-    assert (cfg["method.name"], cfg["method.queue_size"], cfg["method.temperature"]) == ("moco_v2", 4096, 0.2)
+    assert (cfg["method.name"], cfg["moco.queue_size"], cfg["method.temperature"]) == ("moco_v2", 4096, 0.2)

@@ -79,7 +79,7 @@ def test_the_heads_are_the_public_codes():
 def test_logo_on_simsiam_adds_each_local_crop_against_both_global_projections():
     """L = L_gg + L_lg + lambda L_ll with L_gg = Algorithm 1 on the global crops and L_lg = sum over the 2 local x
     2 global crops of D(p_local, z_global)."""
-    cfg, online, target, affinity = _net("--method.logo=1", "--method.logo_lambda=1e-4")
+    cfg, online, target, affinity = _net("--logo.enabled=1", "--logo.lambda=1e-4")
     g1, g2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
     l1, l2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     spec = train_coss.loss_spec(cfg)

@@ -96,7 +96,7 @@ def test_fused_views_equal_two_forwards_when_batchnorm_uses_running_statistics(m
     with multi-crop: the global views fused, the local views fused). The convolutions of a larger batch may sum in
     another order (oneDNN picks its blocking by shape), so in float64: three steps within 1e-9 of each tensor's
     scale."""
-    args = [f"--method.name={method}", f"--method.logo={logo}"]
+    args = [f"--method.name={method}", f"--logo.enabled={logo}"]
     if not logo:
         args += [f"--augment.global_views={views[0]}", f"--augment.local_views={views[1]}", "--augment.local_res=8"]
     batches = _batches(3, global_views=views[0], local_views=views[1])
@@ -137,7 +137,7 @@ def test_prefetch_gives_exactly_the_steps_of_no_prefetch(betons, tmp_path, metho
     same inputs, so the same weights bit for bit, over a whole epoch of the real loader."""
     def epoch(prefetch):
         torch.manual_seed(0)
-        cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}",
+        cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--logo.enabled={logo}",
                        f"--training.prefetch={prefetch}")
         path = str(betons / "betons" / "tiny_train.beton")
         run = train_coss.build_run(cfg, torch.device("cpu"), 1, path, 64)
@@ -201,7 +201,7 @@ def test_the_steady_state_step_never_waits_for_the_gpu(betons, tmp_path, method,
     """Between log rows (and away from an epoch's end) run.step issues no synchronising CUDA call: the host runs
     ahead of the device. (Making the views may wait, for pageable uploads and nvJPEG; with training.prefetch that
     happens in its own thread, on a side stream.)"""
-    cfg = tiny_cfg(betons, tmp_path, "--training.device=cuda", f"--method.name={method}", f"--method.logo={logo}",
+    cfg = tiny_cfg(betons, tmp_path, "--training.device=cuda", f"--method.name={method}", f"--logo.enabled={logo}",
                    "--training.log_every=100", "--optim.batch_size=8")
     run = train_coss.build_run(cfg, torch.device("cuda"), 1, str(betons / "betons" / "tiny_train.beton"), 64)
     run.set_epoch(0)

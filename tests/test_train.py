@@ -32,7 +32,7 @@ def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method,
     if views:  # multi-crop: global + local views at 8 px
         g, n = views.split("+")
         multi_crop = [f"--augment.global_views={g}", f"--augment.local_views={n}", "--augment.local_res=8"]
-    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}", "--optim.epochs=1",
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--logo.enabled={logo}", "--optim.epochs=1",
                    *multi_crop)
     results = train(cfg, log=quiet)
     run = results["run_dir"]
@@ -55,7 +55,7 @@ def test_every_method_trains_and_writes_its_run_folder(betons, tmp_path, method,
 
 @pytest.mark.parametrize("method", ["co_byol", "co_simclr"])
 def test_local_representations_from_the_stage_before_the_last(betons, tmp_path, method):
-    """method.local_layer=previous: the local heads read stage 3's map (twice the side, half the channels), the
+    """co.local_layer=previous: the local heads read stage 3's map (twice the side, half the channels), the
     global branch still pools stage 4; the loss is finite and its local term comes from the larger map."""
     from methods import build_net
     from rf_resnet import build_backbone
@@ -70,7 +70,7 @@ def test_local_representations_from_the_stage_before_the_last(betons, tmp_path, 
     torch.testing.assert_close(out["y"], backbone(x)[1])  # the pooled features are the last stage's
     torch.testing.assert_close(backbone(x, 3)[0], backbone.layer3(backbone.layer2(backbone.layer1(
         backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))))))
-    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", "--method.local_layer=previous", "--optim.epochs=1")
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", "--co.local_layer=previous", "--optim.epochs=1")
     rows = [json.loads(line) for line in open(os.path.join(train(cfg, log=quiet)["run_dir"], "log.jsonl"))]
     assert all(np.isfinite(r["local"]) for r in rows if "loss" in r)
 
@@ -87,7 +87,7 @@ def test_gpu_data_path_trains_with_the_fused_ops(betons, tmp_path, method, logo,
                     "below runs the compiled kernels)")
     multi_crop = [f"--augment.global_views={views[0]}", f"--augment.local_views={views[1]}",
                   "--augment.local_res=8"] if views else []
-    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}", "--optim.epochs=1",
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--logo.enabled={logo}", "--optim.epochs=1",
                    "--data.decode=gpu", f"--training.kernels={kernels}", *multi_crop)
     results = train(cfg, log=quiet)
     rows = [json.loads(line) for line in open(os.path.join(results["run_dir"], "log.jsonl"))]
@@ -100,7 +100,7 @@ def test_gpu_data_path_trains_with_the_fused_ops(betons, tmp_path, method, logo,
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("method,logo,decode", [("co_byol", 0, "gpu"), ("co_simclr", 0, "cpu"), ("byol", 1, "gpu")])
 def test_trains_on_the_gpu_with_bf16_and_the_fused_ops(betons, tmp_path, method, logo, decode):
-    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--method.logo={logo}", "--optim.epochs=1",
+    cfg = tiny_cfg(betons, tmp_path, f"--method.name={method}", f"--logo.enabled={logo}", "--optim.epochs=1",
                    f"--data.decode={decode}", "--training.device=cuda", "--training.compile=1")
     results = train(cfg, log=quiet)
     rows = [json.loads(line) for line in open(os.path.join(results["run_dir"], "log.jsonl"))]
@@ -128,7 +128,7 @@ def test_relative_clip_scales_the_extra_gradient_to_a_fraction_of_the_main_one()
 
 @pytest.mark.timeout(600)
 def test_logo_with_the_relative_clip_trains(betons, tmp_path):
-    cfg = tiny_cfg(betons, tmp_path, "--method.name=byol", "--method.logo=1", "--method.logo_clip=0.015",
+    cfg = tiny_cfg(betons, tmp_path, "--method.name=byol", "--logo.enabled=1", "--logo.clip=0.015",
                    "--optim.epochs=1")
     rows = [json.loads(line) for line in open(os.path.join(train(cfg, log=quiet)["run_dir"], "log.jsonl"))]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["local_local"]) for r in rows if "loss" in r)
@@ -142,9 +142,9 @@ class _Crash(Exception):
 @pytest.mark.parametrize("extra", [[], ["--method.name=co_simclr", "--augment.local_views=3",
                                         "--augment.local_res=8"], ["--method.name=co_moco_v3"],
                                    ["--method.name=co_dino", "--augment.local_views=2", "--augment.local_res=8",
-                                    "--method.dino_out_dim=32", "--method.dino_warmup_teacher_temp_epochs=2",
-                                    "--method.dino_warmup_teacher_temp=0.02"],
-                                   ["--method.name=moco_v2", "--method.logo=1", "--method.queue_size=40"]],
+                                    "--dino.out_dim=32", "--dino.warmup_teacher_temp_epochs=2",
+                                    "--dino.warmup_teacher_temp=0.02"],
+                                   ["--method.name=moco_v2", "--logo.enabled=1", "--moco.queue_size=40"]],
                          ids=["2+0", "multi-crop 2+3", "co_moco_v3", "co_dino multi-crop", "LoGo on moco_v2"])
 def test_a_killed_run_resumes_to_the_same_weights(betons, tmp_path, extra):
     ref = train(tiny_cfg(betons, tmp_path / "a", "--training.run_name=r", *extra), log=quiet)
@@ -203,16 +203,16 @@ def _cli(*args):
 @pytest.mark.parametrize("extra,message", [
     (["--data.name=nothing"], "write it with: python write_ffcv.py --split train"),
     (["--optim.batch_size=128"], "larger than the 64 training images"),
-    (["--method.name=co_byol", "--method.logo=1"], "LoGo's bases"),
-    (["--method.name=co_moco_v3", "--method.logo=1"], "LoGo's bases"),
-    (["--method.w_s=1.5"], "convex mixing"),
+    (["--method.name=co_byol", "--logo.enabled=1"], "LoGo's bases"),
+    (["--method.name=co_moco_v3", "--logo.enabled=1"], "LoGo's bases"),
+    (["--co.w_s=1.5"], "convex mixing"),
     (["--augment.global_views=1"], "'augment.global_views': '1' (expected an int >= 2)"),
     (["--augment.local_cmin=0.3", "--augment.local_cmax=0.2"], "is above augment.local_cmax"),
-    (["--method.name=byol", "--method.logo=1", "--augment.local_views=4"], "makes its own 2 global + 2 local views"),
+    (["--method.name=byol", "--logo.enabled=1", "--augment.local_views=4"], "makes its own 2 global + 2 local views"),
     (["--method.name=mocov9"], "bad value for 'method.name'"),
     (["--method.name=dino", "--method.proj_out_bn=affine"], "dino's head has its own form"),
-    (["--method.name=moco_v2", "--method.queue_size=31"], "smaller than the 32 keys one step enqueues"),
-    (["--method.name=byol", "--method.logo=1", "--method.logo_local_cmax=0.04"], "not above 0.05"),
+    (["--method.name=moco_v2", "--moco.queue_size=31"], "smaller than the 32 keys one step enqueues"),
+    (["--method.name=byol", "--logo.enabled=1", "--logo.local_cmax=0.04"], "not above 0.05"),
     (["--training.run_name=a/b"], "must be a plain folder name"),
     (["--optim.minutes=1e308"], "bad value for 'optim.minutes'"),
     (["--method.name=simclr", "--method.pred_out_bn=fixed"], "simclr has no predictor"),
@@ -257,9 +257,9 @@ def _one_step(method, x1, x2, world, rank):
         model = nn.parallel.DistributedDataParallel(online)
         b = x1.shape[0] // world
         x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
-    state = (torch.zeros(1, cfg["method.dino_out_dim"]), torch.tensor(0.04)) if "dino" in method else None
+    state = (torch.zeros(1, cfg["dino.out_dim"]), torch.tensor(0.04)) if "dino" in method else None
     if method == "moco_v2":  # the same queue on every rank, as the trainer seeds it
-        queue = torch.randn(cfg["method.queue_size"], cfg["method.proj_dim"],
+        queue = torch.randn(cfg["moco.queue_size"], cfg["method.proj_dim"],
                             generator=torch.Generator().manual_seed(5))
         state = (F.normalize(queue, dim=1), torch.zeros((), dtype=torch.long))
     spec = train_coss.loss_spec(cfg)
