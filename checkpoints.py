@@ -86,8 +86,8 @@ def resume_state(cfg, ckpt_path, data=None):
     settings; data = {"train_images", "classes"} of the betons this run reads (checked against the checkpoint's)."""
     ck = read_checkpoint(ckpt_path)
     then_data, now_data = ck["config"].get("data", {}), as_dict(cfg)["data"]
-    differ = [f"data.{k}: {then_data.get(k)!r} in the checkpoint, {now_data[k]!r} now" for k in DATA_KEYS[now_data["source"]]
-              if k in then_data and then_data[k] != now_data[k]]
+    differ = [f"data.{k}: {then_data.get(k)!r} in the checkpoint, {now_data[k]!r} now"
+              for k in DATA_KEYS[now_data["source"]] if k in then_data and then_data[k] != now_data[k]]
     if data is not None:
         held = ck.get("data") or {}
         classes = held.get("classes", ck["probe"]["weight"].shape[0] if ck.get("probe") else None)
@@ -119,11 +119,11 @@ def resume_state(cfg, ckpt_path, data=None):
                             f"{'; ...' if len(differ) > 4 else ''}); refusing to resume")
     return ck
 
+
 def _clear_leftovers(run_dir, fresh, log=print):
     """What dead processes left in a run folder: `*.tmp-<pid>` files of processes that no longer run, and, when the
     run starts fresh (no checkpoint to resume), the log rows and TensorBoard events of an earlier attempt that was
     killed before its first checkpoint (kept, they would show steps 1..k twice)."""
-    import shutil
     for name in os.listdir(run_dir):
         pid = name.rpartition(".tmp-")[2]
         if ".tmp-" in name and pid.isdigit() and not _alive(int(pid)):

@@ -132,32 +132,30 @@ class Text(Checker):
         return "a string"
 
 
-class Backbone(Text):
-    """A preset name of rf_resnet.py (read there, so a new preset needs no change here)."""
+class NameFrom(Text):
+    """One of the names a module holds, read from it when checked (its import is deferred: config.py stays light,
+    and a new backbone preset or method module needs no change here). names(): the names; help: "{names}" in it."""
+
+    def __init__(self, names, help):
+        self.names, self.help_text = names, help
 
     def check(self, value):
-        from rf_resnet import PRESETS
-        if str(super().check(value)) not in PRESETS:
+        if str(super().check(value)) not in self.names():
             raise ValueError(value)
         return str(value)
 
     def help(self):
-        from rf_resnet import PRESETS
-        return "a backbone preset: " + "/".join(PRESETS) + " (python rf_resnet.py --list)"
+        return self.help_text.format(names="/".join(self.names()))
 
 
-class MethodName(Text):
-    """A method of the registry (methods/; read there, so a new method module needs no change here)."""
+def _backbones():
+    from rf_resnet import PRESETS
+    return tuple(PRESETS)
 
-    def check(self, value):
-        from methods import NAMES
-        if str(super().check(value)) not in NAMES:
-            raise ValueError(value)
-        return str(value)
 
-    def help(self):
-        from methods import NAMES
-        return "one of " + "/".join(NAMES)
+def _methods():
+    from methods import NAMES
+    return NAMES
 
 
 class FloatList(Checker):
@@ -271,13 +269,15 @@ def _declare(cfg):
 
     # ---- trainer (train_coss.py). Defaults: the CPU demo on Fashion-MNIST (CO-BYOL, width-16 ResNet-18, 32 px).
     _section(cfg, "model", "Backbone").params(
-        backbone=Param(Backbone(), "preset of rf_resnet.py (python rf_resnet.py --list)", default="resnet18_w16_cifar"),
+        backbone=Param(NameFrom(_backbones, "a backbone preset: {names} (python rf_resnet.py --list)"),
+                       "preset of rf_resnet.py (python rf_resnet.py --list)", default="resnet18_w16_cifar"),
         width=Param(StrictInt(0), "stage-1 channels; 0 = the preset's", default=0),
         init=Param(Text(), "start the backbone from this torchvision-format state_dict (.pt; its fc.* keys are "
                    "dropped, every other key must match); empty = random init", default=""),
     )
     _section(cfg, "method", "SSL method and heads").params(
-        name=Param(MethodName(), "the method, from the registry (methods/; python train_coss.py --methods lists "
+        name=Param(NameFrom(_methods, "one of {names}"),
+                   "the method, from the registry (methods/; python train_coss.py --methods lists "
                    "each with its paper and terms; exact formulas: losses.py's table; ImageNet-100 recipes: "
                    "configs/in100*.yaml). A co_ method is its base plus the local term: every location of the "
                    "feature map, through 1x1 local heads, matched with the other view's global target in that "

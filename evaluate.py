@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augment import uint8_hwc_to_normalized
-from config import ConfigError
+from config import ConfigError, upgrade
 from write_ffcv import BetonError, quiet_numba_finalizers, seeded_subset
 
 # Every "N images" of the evaluations is a random subset drawn with this seed: the same images for every run and
@@ -131,12 +131,6 @@ def nonfinite_tensors(tree, name=""):
     else:
         return []
     return [bad for k, v in items for bad in nonfinite_tensors(v, f"{name}.{k}" if name else str(k))]
-
-
-def upgrade(config):
-    """A stored config (a checkpoint's, an eval.json's) with the keys an older version named otherwise renamed."""
-    from config import upgrade as upgrade_config
-    return upgrade_config(config)
 
 
 def read_checkpoint(path):

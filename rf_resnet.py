@@ -103,27 +103,6 @@ def rf_size(layout):
     return rf
 
 
-def rf_centre(layout):
-    """(offset, stride): the input pixel at the centre of the receptive field of feature-map location i is
-    offset + stride * i (pixel centres at integer coordinates). 'same' padding keeps every kernel centred on its
-    output (offset 0: location i sits on pixel stride * i, the top-left corner of its stride-wide cell, not the
-    cell's middle); each unpadded k x k kernel moves the centre by (k - 1) / 2 input steps of its layer."""
-    layout.validate()
-    ops = [(k, s, 0 if (layout.stem == "bagnet" or k == 1) else k // 2) for k, s in _stem_ops(replace(layout,
-                                                                                                    maxpool=False))]
-    if layout.maxpool:
-        ops.append((3, 2, 1))
-    for stride, blocks in zip(layout.strides, layout.spatial_blocks()):
-        for b, spatial in enumerate(blocks):
-            ops += [(k, s, k // 2 if layout.padding == "same" else 0)
-                    for k, s in _block_ops(layout, stride if b == 0 else 1, spatial)]
-    offset, jump = 0.0, 1
-    for k, s, pad in ops:
-        offset += ((k - 1) / 2 - pad) * jump
-        jump *= s
-    return offset, jump
-
-
 def _size_ops(layout):
     """Every convolution and pooling along the main path as (kernel, stride, padding), in order."""
     layout.validate()
@@ -139,6 +118,18 @@ def _size_ops(layout):
             ops += [(k, s, k // 2 if layout.padding == "same" else 0)
                     for k, s in _block_ops(layout, stride if b == 0 else 1, spatial)]
     return ops
+
+
+def rf_centre(layout):
+    """(offset, stride): the input pixel at the centre of the receptive field of feature-map location i is
+    offset + stride * i (pixel centres at integer coordinates). 'same' padding keeps every kernel centred on its
+    output (offset 0: location i sits on pixel stride * i, the top-left corner of its stride-wide cell, not the
+    cell's middle); each unpadded k x k kernel moves the centre by (k - 1) / 2 input steps of its layer."""
+    offset, jump = 0.0, 1
+    for k, s, pad in _size_ops(layout):
+        offset += ((k - 1) / 2 - pad) * jump
+        jump *= s
+    return offset, jump
 
 
 def feature_side(layout, side):
