@@ -1,7 +1,12 @@
 """Shared fixtures: tiny synthetic data, image trees, and an FFCV-independent beton reader."""
+import importlib
+import io
 import os
+import signal
+import subprocess
 import sys
 import zlib
+from contextlib import redirect_stderr, redirect_stdout
 
 import cv2
 import numpy as np
@@ -94,6 +99,28 @@ def tiny_cfg(betons, tmp_path, *extra):
 
 def quiet(*_):
     pass
+
+
+def run_main(script, *args):
+    """`python <script> <args>` run in this process through the script's own main(argv): the same parsing, error
+    handling and exit code as the command, without a new interpreter's 2-5 s of imports. Returns a
+    CompletedProcess. An exception main() does not turn into its one line propagates and fails the test (the
+    command would have printed a traceback). What only a real process shows (the __main__ wrapper's exit, numba's
+    finalisers at shutdown, signals, torchrun) is tested with subprocesses elsewhere."""
+    module = importlib.import_module(script[:-len(".py")])
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # train_coss.main installs its own; pytest keeps its
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = module.main(argv)
+        except SystemExit as e:  # argparse's usage errors and --help
+            code = e.code if isinstance(e.code, int) or e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess([script, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def save_image(path, array, **kwargs):

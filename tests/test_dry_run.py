@@ -2,12 +2,10 @@
 far above its reference's (the unclipped LARS of our earlier in100.yaml on 8 GPUs) is stopped with one line."""
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_main
 from config import load_config
 from dry_run import dry_run, reference_of
 
@@ -32,9 +30,9 @@ def test_every_imagenet_config_passes_the_dry_run(path):
 def test_the_old_unclipped_lars_on_8_gpus_is_stopped_with_one_line():
     """in100.yaml as it was: 256 per GPU on 8 GPUs, lr 1.0 per 256 (peak 8.0), LARS eta 0.02 without the clip:
     every layer moves by 8.0 x 0.02 = 0.16 of its norm at the first step; solo-learn's recipe: 0.02."""
-    res = subprocess.run([sys.executable, "train_coss.py", "--config", "configs/in100.yaml", "--dry-run", "--dry-run-processes", "8",
-               "--optim.batch_size=256", "--optim.lr=1.0", "--optim.lars_form=byol", "--optim.lars_clip=0",
-                          "--augment.res=32"], cwd=REPO, capture_output=True, text=True, timeout=500)
+    res = run_main("train_coss.py", "--config", os.path.join(REPO, "configs", "in100.yaml"), "--dry-run",
+                   "--dry-run-processes", "8", "--optim.batch_size=256", "--optim.lr=1.0", "--optim.lars_form=byol",
+                   "--optim.lars_clip=0", "--augment.res=32")
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("train_coss.py: error:")]
     assert len(errors) == 1 and "at step 1" in errors[0] and "moved by 0.16 of its norm" in errors[0], res.stderr

@@ -15,14 +15,9 @@ import torchvision
 
 import train_coss
 from config import VERSION, load_config
-from conftest import REPO, TINY, quiet, tiny_cfg
+from conftest import REPO, TINY, quiet, run_main, tiny_cfg
 from rf_resnet import build_backbone
 from train_coss import TrainingError, build_run, calibrate, train
-
-
-def _cli(script, *args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 def _error_line(res, script):
@@ -39,7 +34,7 @@ def _error_line(res, script):
                                                   ("train_coss.py", "--augment.c_min", "default 0.3"),
                                                   ("evaluate.py", "--linear.knn_k", "default 20,200")])
 def test_help_lists_every_key_with_its_type_and_default(script, key, default):
-    res = _cli(script, "--help")
+    res = run_main(script, "--help")
     assert res.returncode == 0, res.stderr
     line = next(line for line in res.stdout.splitlines() if line.strip().startswith(key + " "))
     assert default in line and "(" in line
@@ -51,7 +46,8 @@ def test_help_lists_every_key_with_its_type_and_default(script, key, default):
 
 
 def test_print_config_is_the_resolved_config_and_loads_back(tmp_path):
-    res = _cli("train_coss.py", "--config", "configs/in100.yaml", "--print-config", "--optim.epochs=7")
+    res = run_main("train_coss.py", "--config", os.path.join(REPO, "configs/in100.yaml"), "--print-config",
+                   "--optim.epochs=7")
     assert res.returncode == 0, res.stderr
     path = tmp_path / "resolved.yaml"
     path.write_text(res.stdout)
@@ -111,7 +107,7 @@ def test_ctrl_c_or_sigterm_exits_with_the_command_that_resumes(betons, tmp_path,
 
 
 def test_resume_1_without_a_checkpoint_is_an_error_and_auto_starts_fresh_then_resumes(betons, tmp_path):
-    res = _cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
                "--training.run_name=r", "--training.resume=1")
     line = _error_line(res, "train_coss.py")
     assert "no checkpoint to resume" in line and "training.resume=auto" in line
@@ -192,7 +188,7 @@ def test_a_co_method_on_a_1x1_feature_map_is_refused(betons, tmp_path, extra, me
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_suggests_the_cpu(betons, tmp_path):
-    res = _cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
                "--training.device=cuda")
     assert "--training.device=cpu" in _error_line(res, "train_coss.py")
 
@@ -261,7 +257,7 @@ def test_a_run_started_from_model_init_resumes_after_the_init_file_is_gone(beton
 
 def test_model_init_that_does_not_fit_is_one_line(betons, tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
-    res = _cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
                "--model.backbone=resnet18", "--model.width=0", f"--model.init={tmp_path / 'r34.pt'}")
     assert "does not fit model.backbone" in _error_line(res, "train_coss.py")
 
@@ -292,7 +288,7 @@ def test_a_bad_model_init_is_one_line_naming_the_file(betons, tmp_path, what, me
         path.mkdir()
     else:
         path.write_text("weights: none\n")
-    res = _cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
                "--model.backbone=resnet18", "--model.width=0", f"--model.init={path}")
     line = _error_line(res, "train_coss.py")
     assert message in line and str(path) in line and "\x1b[" not in line

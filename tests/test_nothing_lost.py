@@ -14,7 +14,7 @@ import torch
 import checkpoints
 import train_coss
 from config import ConfigError, load_config
-from conftest import REPO, TINY, quiet, tiny_cfg
+from conftest import REPO, TINY, quiet, run_main, tiny_cfg
 from evaluate import CheckpointError, read_checkpoint
 from train_coss import TrainingError, train
 
@@ -112,9 +112,9 @@ def test_evaluate_refuses_a_non_finite_checkpoint(betons, tmp_path):
     ck = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
     ck["online"]["backbone.bn1.running_var"][0] = float("nan")
     torch.save(ck, os.path.join(run, "checkpoint.pt"))
-    line = _one_error_line(_cli("evaluate.py", "--ckpt", run), "evaluate.py")
+    line = _one_error_line(run_main("evaluate.py", "--ckpt", run), "evaluate.py")
     assert "NaN/inf" in line and "backbone.bn1.running_var" in line
-    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+    line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
                                 f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
                                 "--optim.epochs=2"), "train_coss.py")
     assert "cannot resume" in line and "NaN/inf" in line
@@ -146,7 +146,7 @@ def test_a_failing_final_evaluation_keeps_the_trained_weights(own_betons, tmp_pa
 def test_a_damaged_val_beton_stops_the_run_at_start_up(own_betons, tmp_path):
     val = own_betons / "tiny_val.beton"
     val.write_bytes(val.read_bytes()[:5000])
-    res = _cli("train_coss.py", *TINY, f"--data.beton_dir={own_betons}", f"--training.out_dir={tmp_path}",
+    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={own_betons}", f"--training.out_dir={tmp_path}",
                "--training.run_name=r")
     line = _one_error_line(res, "train_coss.py")
     assert "tiny_val.beton is not a readable beton (truncated" in line and "--writer.overwrite=1" in line
@@ -170,7 +170,7 @@ def _damage(path, how):
 @pytest.mark.parametrize("how", ["truncated", "zero-byte", "random-bytes"])
 def test_an_unreadable_beton_is_one_line_and_exit_2(own_betons, tmp_path, split, how):
     _damage(own_betons / f"tiny_{split}.beton", how)
-    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={own_betons}",
+    line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={own_betons}",
                                 f"--training.out_dir={tmp_path}"), "train_coss.py")
     assert f"tiny_{split}.beton is not a readable beton" in line
 
@@ -202,8 +202,8 @@ def test_an_unreadable_checkpoint_is_one_line_and_exit_2_in_evaluate_and_on_resu
         shutil.copyfile(run / "backbone.pt", ck)
     else:
         _damage(ck, how)
-    assert message in _one_error_line(_cli("evaluate.py", "--ckpt", run), "evaluate.py")
-    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+    assert message in _one_error_line(run_main("evaluate.py", "--ckpt", run), "evaluate.py")
+    line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
                                 f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
                                 "--optim.epochs=2"), "train_coss.py")
     assert line.startswith("train_coss.py: error: cannot resume:") and message in line
@@ -212,14 +212,14 @@ def test_an_unreadable_checkpoint_is_one_line_and_exit_2_in_evaluate_and_on_resu
 
 
 def test_an_exported_backbone_given_to_evaluate_says_what_to_give(trained_run):
-    line = _one_error_line(_cli("evaluate.py", "--ckpt", os.path.join(trained_run, "backbone.pt")), "evaluate.py")
+    line = _one_error_line(run_main("evaluate.py", "--ckpt", os.path.join(trained_run, "backbone.pt")), "evaluate.py")
     assert "exported backbone.pt" in line and "give the run folder" in line
 
 
 @pytest.mark.timeout(600)
 def test_resuming_with_other_model_settings_names_the_differing_keys(betons, trained_run, tmp_path):
     shutil.copytree(trained_run, tmp_path / "r")
-    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+    line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
                                 f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
                                 "--optim.epochs=2", "--model.width=8", "--method.proj_dim=8"), "train_coss.py")
     assert "model.width: 4 in the checkpoint, 8 now" in line and "method.proj_dim: 16 in the checkpoint, 8 now" in line
@@ -252,7 +252,7 @@ def test_a_bad_yaml_file_is_one_line_and_exit_2(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(str(path))
     for script, args in (("train_coss.py", []), ("write_ffcv.py", ["--split", "train"])):
-        assert message in _one_error_line(_cli(script, "--config", path, *args), script)
+        assert message in _one_error_line(run_main(script, "--config", path, *args), script)
 
 
 # ----------------------------------------------------------------------------------------- torchrun end to end
@@ -286,7 +286,7 @@ def test_torchrun_with_two_gloo_processes_completes_with_a_complete_run_folder(b
 # --------------------------------------------------------------------------------- messages that don't mislead
 
 def test_the_missing_beton_hint_carries_the_data_overrides(tmp_path):
-    res = _cli("train_coss.py", "--data.source=synthetic", "--data.name=mine", f"--data.beton_dir={tmp_path}/b",
+    res = run_main("train_coss.py", "--data.source=synthetic", "--data.name=mine", f"--data.beton_dir={tmp_path}/b",
                "--optim.epochs=1")
     line = _one_error_line(res, "train_coss.py")
     assert (f"write it with: python write_ffcv.py --split train --data.source=synthetic --data.name=mine "
@@ -369,7 +369,7 @@ def test_a_restart_after_a_kill_before_the_first_checkpoint_logs_each_step_once(
 def test_resuming_onto_other_data_is_refused_with_one_line(betons, trained_run, tmp_path, other, message):
     """resume=auto on other data would continue an old run on it, printing only "resuming": refused instead."""
     shutil.copytree(trained_run, tmp_path / "r")
-    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+    line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
                                 f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=auto",
                                 "--optim.epochs=2", *other), "train_coss.py")
     assert "was trained on other data" in line and message in line, line
@@ -380,10 +380,10 @@ def test_plot_over_a_cut_log_row_skips_and_counts_it_and_a_missing_log_is_one_li
     shutil.copytree(trained_run, tmp_path / "r")
     with open(tmp_path / "r" / "log.jsonl", "a") as fh:
         fh.write('{"step": 99, "loss": 1.2, "l')  # a row cut by a crash
-    res = _cli("train_coss.py", "--plot", str(tmp_path / "r"))
+    res = run_main("train_coss.py", "--plot", str(tmp_path / "r"))
     assert res.returncode == 0 and os.path.getsize(tmp_path / "r" / "curves.png") > 2000, res.stderr[-2000:]
     assert "skipped 1 unreadable row(s)" in res.stderr and "Traceback" not in res.stderr
-    line = _one_error_line(_cli("train_coss.py", "--plot", str(tmp_path / "nothing")), "train_coss.py")
+    line = _one_error_line(run_main("train_coss.py", "--plot", str(tmp_path / "nothing")), "train_coss.py")
     assert "log.jsonl does not exist" in line
 
 
@@ -398,14 +398,14 @@ def test_read_jsonl_skips_and_counts_what_is_not_a_row(tmp_path):
 @pytest.mark.timeout(600)
 def test_resuming_with_another_batch_size_is_refused_with_one_line(betons, trained_run, tmp_path):
     shutil.copytree(trained_run, tmp_path / "r")
-    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+    line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
                                 f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
                                 "--optim.epochs=2", "--optim.batch_size=8"), "train_coss.py")
     assert "was trained at optim.batch_size=16, now 8" in line and "--optim.batch_size=16" in line
 
 
 def test_print_config_refuses_what_the_run_refuses():
-    line = _one_error_line(_cli("train_coss.py", "--print-config", "--method.name=byol", "--logo.enabled=1",
+    line = _one_error_line(run_main("train_coss.py", "--print-config", "--method.name=byol", "--logo.enabled=1",
                                 "--logo.local_cmax=0.04"), "train_coss.py")
     assert "not above 0.05" in line
 
@@ -418,7 +418,7 @@ def test_print_config_refuses_what_the_run_refuses():
 def test_views_too_small_for_the_backbone_are_one_line(betons, tmp_path, extra, key):
     """BagNet-33's unpadded convolutions fail inside the first forward on views under 33 px (global, multi-crop's
     local or LoGo's local): refused before any work, naming the key and the size it needs."""
-    line = _one_error_line(_cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
+    line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
                                 f"--training.out_dir={tmp_path}", "--model.backbone=bagnet33", "--method.name=byol",
                                 *extra), "train_coss.py")
     assert "needs views of at least 33 px" in line and key in line

@@ -4,13 +4,11 @@ log.jsonl, env.json). Today's trainer resumes each for another epoch, and evalua
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_main
 
 DATA = os.path.join(REPO, "tests", "data")
 WRITTEN_WITH = ["--dino.out_dim=64", "--logo.local_res=16"]  # besides TINY, as the runs were written
@@ -18,18 +16,13 @@ OLD_RUNS = {"co_byol_0.7.0": ["--method.name=co_byol", *WRITTEN_WITH],
             "dino_0.7.0": ["--method.name=dino", *WRITTEN_WITH]}
 
 
-def _cli(script, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-
-
 @pytest.mark.parametrize("name", sorted(OLD_RUNS))
 def test_a_run_of_version_0_7_0_resumes_and_evaluates(betons, tmp_path, name):
     shutil.copytree(os.path.join(DATA, name), tmp_path / name)
     before = torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert before["epoch"] == 1 and json.load(open(tmp_path / name / "env.json"))["version"] == "0.7.0"
-    res = _cli("train_coss.py", *TINY, *OLD_RUNS[name], f"--data.beton_dir={betons / 'betons'}",
-               f"--training.out_dir={tmp_path}", f"--training.run_name={name}", "--training.resume=1",
+    res = run_main("train_coss.py", *TINY, *OLD_RUNS[name], f"--data.beton_dir={betons / 'betons'}",
+                   f"--training.out_dir={tmp_path}", f"--training.run_name={name}", "--training.resume=1",
                "--optim.epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     after = torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -38,7 +31,7 @@ def test_a_run_of_version_0_7_0_resumes_and_evaluates(betons, tmp_path, name):
     assert moved, "the resumed epoch did not train"
     if before["method_state"] is not None:  # DINO's centre and teacher temperature came back and moved on
         assert len(after["method_state"]) == len(before["method_state"])
-    res = _cli("evaluate.py", "--ckpt", tmp_path / name, "--robust.images=16", "--robust.severities=1",
+    res = run_main("evaluate.py", "--ckpt", tmp_path / name, "--robust.images=16", "--robust.severities=1",
                "--robust.pgd_eps=1", "--analysis.pairs=8", "--linear.epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(tmp_path / name / "eval" / "eval.json"))["knn"]

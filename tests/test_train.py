@@ -2,8 +2,6 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import load_config
-from conftest import CUDA, REPO, TINY, needs_cuda, quiet, tiny_cfg
+from conftest import CUDA, REPO, TINY, needs_cuda, quiet, run_main, tiny_cfg
 import train_coss
 from evaluate import feature_probe_accuracy, knn_accuracy
 from analyses import plot_run
@@ -194,9 +192,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(betons, tmp_path):
     assert path.read_bytes() == before
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "train_coss.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
 @pytest.mark.timeout(600)
@@ -219,7 +214,7 @@ def _cli(*args):
     (["--optim.batch_sise=8"], "unknown command line key 'optim.batch_sise'"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(betons, tmp_path, extra, message):
-    res = _cli(*TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}", *extra)
+    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}", *extra)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.strip().splitlines() if line.startswith("train_coss.py: error:")]
     assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from config import FASHION_MNIST_DIR
-from conftest import REPO, make_cfg, read_beton, save_image, wnid_colour
+from conftest import REPO, make_cfg, read_beton, run_main, save_image, wnid_colour
 
 import write_ffcv
 from write_ffcv import SourceError, Synthetic, beton_path, write_split
@@ -281,6 +281,10 @@ def _run_cli(*args, timeout=120):
                           text=True, timeout=timeout, cwd=REPO)
 
 
+def _run(*args):  # the command's main() in this process (conftest.run_main): what it prints and returns
+    return run_main("write_ffcv.py", *args)
+
+
 @pytest.mark.parametrize("case", ["missing_root", "empty_class", "list_mismatch", "val_mismatch",
                                   "missing_val", "duplicate_in_list", "fashion_missing"])
 def test_unwritable_datasets_give_one_error_line_and_exit_nonzero(tmp_path, case):
@@ -313,7 +317,7 @@ def test_unwritable_datasets_give_one_error_line_and_exit_nonzero(tmp_path, case
     elif case == "fashion_missing":
         args = ["--data.source=fashion_mnist", f"--data.root={tmp_path}"]
     split = "val" if case in ("val_mismatch", "missing_val") else "train"
-    res = _run_cli("--split", split, *args, f"--data.beton_dir={tmp_path / 'out'}")
+    res = _run("--split", split, *args, f"--data.beton_dir={tmp_path / 'out'}")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("write_ffcv.py: error:") and expect in lines[0], res.stderr
@@ -321,7 +325,7 @@ def test_unwritable_datasets_give_one_error_line_and_exit_nonzero(tmp_path, case
 
 
 def test_bad_option_is_an_error(tmp_path):
-    res = _run_cli("--split", "train", "--writer.write_mod=raw")
+    res = _run("--split", "train", "--writer.write_mod=raw")
     assert res.returncode == 2 and "unknown command line key 'writer.write_mod'" in res.stderr
 
 
@@ -329,15 +333,15 @@ def test_bad_option_is_an_error(tmp_path):
 
 def test_existing_beton_is_kept_unless_overwrite(tmp_path):
     args = ["--data.source=synthetic", "--data.synthetic_images=8", f"--data.beton_dir={tmp_path}"]
-    first = _run_cli("--split", "train", *args)
+    first = _run("--split", "train", *args)
     assert first.returncode == 0, first.stderr
     out = tmp_path / "fmnist_train.beton"
     assert first.stdout.strip().splitlines()[-1] == str(out)  # the output path is printed last
     before = out.read_bytes()
-    again = _run_cli("--split", "train", *args, "--writer.seed=5")
+    again = _run("--split", "train", *args, "--writer.seed=5")
     assert again.returncode == 2 and "--writer.overwrite=1" in again.stderr
     assert out.read_bytes() == before
-    forced = _run_cli("--split", "train", *args, "--writer.seed=5", "--writer.overwrite=1")
+    forced = _run("--split", "train", *args, "--writer.seed=5", "--writer.overwrite=1")
     assert forced.returncode == 0, forced.stderr
     assert out.read_bytes() != before
 
@@ -451,8 +455,8 @@ def test_a_class_folder_whose_every_file_is_unreadable_is_an_error(tmp_path):
                                                                                                        np.uint8)})
     (tree / "train" / "n1" / "placeholder.png").write_bytes(b"garbage")
     (tree / "train" / "n1" / "b.jpg").write_bytes(b"")
-    res = _run_cli("--split", "train", "--data.source=imagefolder", f"--data.root={tree}",
-                   f"--data.beton_dir={tmp_path / 'out'}")
+    res = _run("--split", "train", "--data.source=imagefolder", f"--data.root={tree}",
+               f"--data.beton_dir={tmp_path / 'out'}")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "class folder n1 of train has no readable image" in lines[0], res.stderr
