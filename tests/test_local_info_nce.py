@@ -48,7 +48,9 @@ def check(B, L, D, dtype, gathered=False):
 @pytest.mark.parametrize("L", [1, 7, 49, 196])
 @pytest.mark.parametrize("D", [1, 33, 256])
 def test_value_and_gradients_match_the_reference_fp32(B, L, D, poison):
-    if B * L * D > 64 * 49 * 33 and not CUDA:  # the interpreter runs tl.dot in numpy: keep the CPU cases small
+    # the interpreter runs tl.dot in numpy and each program instance in Python: keep the CPU cases small (L = 196
+    # still runs on CPU at B = 1 and 3; B = 64 with L = 196 takes 20 s there)
+    if (B * L * D > 64 * 49 * 33 or B * L > 64 * 49) and not CUDA:
         pytest.skip("large shape: runs on CUDA")
     check(B, L, D, torch.float32)
 
