@@ -32,8 +32,8 @@ $(STAMP): requirements.txt
 CPU_ISA_ENV := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 
 # Two pytest-xdist workers: most of the suite is single-threaded Python (imports, Triton's interpreter, FFCV's
-# readers), so the two cores of a CI machine run it in about 6 minutes instead of about 11. TEST_WORKERS=0 runs
-# it in one process.
+# readers), so the two cores of a CI machine run it side by side (docs/platforms.md has the times).
+# TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 test: setup
