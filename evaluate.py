@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from augment import uint8_hwc_to_normalized
 from config import ConfigError, upgrade
-from write_ffcv import BetonError, quiet_numba_finalizers, seeded_subset
+from beton_files import BetonError, quiet_numba_finalizers, seeded_subset
 
 # Every "N images" of the evaluations is a random subset drawn with this seed: the same images for every run and
 # method compared, and never the first N of a class-ordered beton.
@@ -306,7 +306,7 @@ def evaluate_checkpoint(ckpt, out_dir, overrides=(), device="cpu", log=print, na
     results dict."""
     from analyses import effective_receptive_fields, global_local_similarity, plot_erf, plot_similarity
     from augment import normalize
-    from write_ffcv import read_beton_info
+    from beton_files import read_beton_info
     device = torch.device(device)
     backbone, run_cfg = load_backbone(ckpt, device)
     cfg = run_config(run_cfg, overrides)

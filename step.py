@@ -450,13 +450,13 @@ class Run:
 
 def build_run(cfg, device, world=1, train_path=None, num_train=None, num_classes=None, total=None, init=True):
     """The Run of a config: with train_path, its loader over num_train images of that beton (None: all; fewer: a
-    subset drawn with training.seed, write_ffcv.seeded_subset) and the beton's classes (total and num_classes: the
+    subset drawn with training.seed, beton_files.seeded_subset) and the beton's classes (total and num_classes: the
     beton's image and class counts when the caller has read them already); without, no loader (run.step takes
     batches in the loader's format: CPU path (uint8 [B, 2, res, res, 3] views, labels), GPU path
     (ImageBytesDecoder rows, labels)) and num_classes for the probe."""
     loader, decoders = None, []
     if train_path is not None:
-        from write_ffcv import seeded_subset
+        from beton_files import seeded_subset
         if total is None or num_classes is None:
             total, num_classes = num_images_and_classes(train_path)
         num_train = total if num_train is None else min(num_train, total)

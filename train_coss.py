@@ -44,7 +44,7 @@ from step import (Prepared, Run, build_model, build_run, calibrate, check_local_
                   inductor_cache_per_isa, loss_spec, method_loss, update_state)
 from train_data import (betons, clamp_loader_workers, resolution_at, train_loader, view_maker,  # noqa: F401
                         view_plan, views_text)
-from write_ffcv import BetonError, quiet_numba_finalizers
+from beton_files import BetonError, quiet_numba_finalizers
 
 DEMO_CONFIG = "configs/fmnist.yaml"
 CONFIG_SECTIONS = ("data", "model", "method", "co", "logo", "moco", "dino", "augment", "optim", "training",

@@ -12,7 +12,7 @@ from rf_resnet import memory_format
 def betons(cfg):
     """(train path, val path, train images, classes): both betons checked at start-up (complete and readable), so a
     damaged val beton stops the run now, not after the last epoch."""
-    from write_ffcv import read_beton_info
+    from beton_files import read_beton_info
     train_path, total_train, num_classes = read_beton_info(cfg, "train")
     val_path, _, _ = read_beton_info(cfg, "val")
     return train_path, val_path, total_train, num_classes

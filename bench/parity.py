@@ -322,7 +322,7 @@ def our_views(cfg, train_path, seed):
     """Endless (x0, x1, labels) batches from our loader and view maker (the trainer's data path, its generators)."""
     import torch
     from train_data import num_images_and_classes, train_loader, view_maker
-    from write_ffcv import seeded_subset
+    from beton_files import seeded_subset
     total, _ = num_images_and_classes(train_path)
     loader, _ = train_loader(cfg, train_path, seeded_subset(total, 0, seed), 1, cfg["augment.res"])
     make, step, epoch = view_maker(cfg, torch.device("cpu")), 0, 0
@@ -346,7 +346,7 @@ def one_run(args):
     from rf_resnet import build_backbone
     from step import Prepared, build_run
     from train_data import betons
-    from write_ffcv import quiet_numba_finalizers
+    from beton_files import quiet_numba_finalizers
     quiet_numba_finalizers()
     recipe = recipe_of(args.method, args.set)
     trainer, views = args.one.split(":")

@@ -46,7 +46,8 @@ IN100_TRAIN = 126_689
 
 
 def write_beton(tree, data_dir, workers):
-    from write_ffcv import beton_path, write_split
+    from beton_files import beton_path
+    from write_ffcv import write_split
     cfg = load_config(None, ["--data.source=imagefolder", f"--data.root={tree}", f"--data.beton_dir={data_dir}",
                              f"--data.name=throughput_{os.path.basename(tree)}", "--writer.write_mode=jpg",
                              "--writer.jpeg_quality=90", f"--writer.workers={workers}", "--writer.verify=0"])

@@ -7,7 +7,8 @@ import torch
 import train_coss
 from conftest import make_cfg, quiet, read_beton, save_image
 from evaluate import eval_loader, val_images
-from write_ffcv import seeded_subset, write_split
+from beton_files import seeded_subset
+from write_ffcv import write_split
 
 CLASSES, PER_CLASS = 10, 30
 

@@ -14,7 +14,8 @@ from config import FASHION_MNIST_DIR
 from conftest import REPO, make_cfg, read_beton, run_main, save_image, wnid_colour
 
 import write_ffcv
-from write_ffcv import SourceError, Synthetic, beton_path, write_split
+from beton_files import beton_path
+from write_ffcv import SourceError, Synthetic, write_split
 
 PY = sys.executable
 
