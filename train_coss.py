@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import methods
+from beton_files import BetonError, quiet_numba_finalizers
 from checkpoints import (DATA_KEYS, _clear_leftovers, _forget_after, export_backbone, kept_checkpoint,  # noqa: F401
                          resume_state, rng_state, save_checkpoint, set_rng_state)
 from config import ConfigError, as_dict, help_text, load_config, print_config
@@ -44,7 +45,6 @@ from step import (Prepared, Run, build_model, build_run, calibrate, check_local_
                   inductor_cache_per_isa, loss_spec, method_loss, update_state)
 from train_data import (betons, clamp_loader_workers, resolution_at, train_loader, view_maker,  # noqa: F401
                         view_plan, views_text)
-from beton_files import BetonError, quiet_numba_finalizers
 
 DEMO_CONFIG = "configs/fmnist.yaml"
 CONFIG_SECTIONS = ("data", "model", "method", "co", "logo", "moco", "dino", "augment", "optim", "training",
