@@ -410,7 +410,7 @@ def one_run(args):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            last_loss = float(loss)
+            last_loss = float(loss.detach())
         train_s += time.perf_counter() - t
         step += 1
         if not np.isfinite(last_loss):
