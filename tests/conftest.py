@@ -101,6 +101,13 @@ def quiet(*_):
     pass
 
 
+def run_script(script, *args, env=None, timeout=300):
+    """`python <script> <args>` as a new process in the repository, output captured: for what only a real process
+    shows (the __main__ wrapper's exit, numba's finalisers at shutdown, signals, a kill, a full disk)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env=env)
+
+
 def run_main(script, *args):
     """`python <script> <args>` run in this process through the script's own main(argv): the same parsing, error
     handling and exit code as the command, without a new interpreter's 2-5 s of imports. Returns a

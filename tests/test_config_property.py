@@ -4,12 +4,11 @@ given twice, in one block, as two blocks, or as `section.key` beside a `section:
 loads holds every value it wrote, and what --print-config prints loads again to the same config).
 
 The examples are derandomised (the same ~300 files on every run, no example database written to the repo) and
-run in-process through train_coss.main, the command's own error handling, so the test costs seconds."""
-import io
+run in-process through train_coss.main (conftest.run_main), the command's own error handling, so the test costs
+seconds."""
 import math
 import os
 import tempfile
-from contextlib import redirect_stderr, redirect_stdout
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 
 import train_coss
 from config import Choice, FloatList, NameList, StrictFloat, StrictInt, load_config, new_config
+from conftest import run_main
 
 ENTRIES = new_config().entries
 SECTIONS = sorted({k[0] for k in ENTRIES})
@@ -134,13 +134,6 @@ def config_file(draw):
     return "\n".join(lines) + "\n", written, dup, has_base, garbage
 
 
-def _run(path):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = train_coss.main(["--config", path, "--print-config"])  # any exception fails the test: a traceback
-    return code, out.getvalue(), err.getvalue()
-
-
 @settings(max_examples=300, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(config_file())
@@ -152,7 +145,8 @@ def test_every_config_file_loads_or_is_one_line_and_never_merges_silently(case):
         path = os.path.join(d, "c.yaml")
         with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(text)
-        code, out, err = _run(path)
+        res = run_main("train_coss.py", "--config", path, "--print-config")  # an exception fails the test
+        code, out, err = res.returncode, res.stdout, res.stderr
         assert code in (0, 2), (code, text, err)
         lines = [line for line in err.strip().splitlines() if line.strip()]
         if code == 2:

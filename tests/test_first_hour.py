@@ -108,7 +108,7 @@ def test_ctrl_c_or_sigterm_exits_with_the_command_that_resumes(betons, tmp_path,
 
 def test_resume_1_without_a_checkpoint_is_an_error_and_auto_starts_fresh_then_resumes(betons, tmp_path):
     res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
-               "--training.run_name=r", "--training.resume=1")
+                   "--training.run_name=r", "--training.resume=1")
     line = _error_line(res, "train_coss.py")
     assert "no checkpoint to resume" in line and "training.resume=auto" in line
     lines = []
@@ -189,7 +189,7 @@ def test_a_co_method_on_a_1x1_feature_map_is_refused(betons, tmp_path, extra, me
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_suggests_the_cpu(betons, tmp_path):
     res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
-               "--training.device=cuda")
+                   "--training.device=cuda")
     assert "--training.device=cpu" in _error_line(res, "train_coss.py")
 
 
@@ -258,7 +258,7 @@ def test_a_run_started_from_model_init_resumes_after_the_init_file_is_gone(beton
 def test_model_init_that_does_not_fit_is_one_line(betons, tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
     res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
-               "--model.backbone=resnet18", "--model.width=0", f"--model.init={tmp_path / 'r34.pt'}")
+                   "--model.backbone=resnet18", "--model.width=0", f"--model.init={tmp_path / 'r34.pt'}")
     assert "does not fit model.backbone" in _error_line(res, "train_coss.py")
 
 
@@ -289,6 +289,6 @@ def test_a_bad_model_init_is_one_line_naming_the_file(betons, tmp_path, what, me
     else:
         path.write_text("weights: none\n")
     res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
-               "--model.backbone=resnet18", "--model.width=0", f"--model.init={path}")
+                   "--model.backbone=resnet18", "--model.width=0", f"--model.init={path}")
     line = _error_line(res, "train_coss.py")
     assert message in line and str(path) in line and "\x1b[" not in line

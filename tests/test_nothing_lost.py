@@ -14,14 +14,9 @@ import torch
 import checkpoints
 import train_coss
 from config import ConfigError, load_config
-from conftest import REPO, TINY, quiet, run_main, tiny_cfg
+from conftest import REPO, TINY, quiet, run_main, run_script, tiny_cfg
 from evaluate import CheckpointError, read_checkpoint
 from train_coss import TrainingError, train
-
-
-def _cli(script, *args, env=None):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env=env)
 
 
 def _one_error_line(res, script):
@@ -115,8 +110,8 @@ def test_evaluate_refuses_a_non_finite_checkpoint(betons, tmp_path):
     line = _one_error_line(run_main("evaluate.py", "--ckpt", run), "evaluate.py")
     assert "NaN/inf" in line and "backbone.bn1.running_var" in line
     line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
-                                f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
-                                "--optim.epochs=2"), "train_coss.py")
+                                    f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
+                                    "--optim.epochs=2"), "train_coss.py")
     assert "cannot resume" in line and "NaN/inf" in line
 
 
@@ -147,7 +142,7 @@ def test_a_damaged_val_beton_stops_the_run_at_start_up(own_betons, tmp_path):
     val = own_betons / "tiny_val.beton"
     val.write_bytes(val.read_bytes()[:5000])
     res = run_main("train_coss.py", *TINY, f"--data.beton_dir={own_betons}", f"--training.out_dir={tmp_path}",
-               "--training.run_name=r")
+                   "--training.run_name=r")
     line = _one_error_line(res, "train_coss.py")
     assert "tiny_val.beton is not a readable beton (truncated" in line and "--writer.overwrite=1" in line
     assert not os.path.exists(tmp_path / "r")  # nothing started
@@ -171,7 +166,7 @@ def _damage(path, how):
 def test_an_unreadable_beton_is_one_line_and_exit_2(own_betons, tmp_path, split, how):
     _damage(own_betons / f"tiny_{split}.beton", how)
     line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={own_betons}",
-                                f"--training.out_dir={tmp_path}"), "train_coss.py")
+                                    f"--training.out_dir={tmp_path}"), "train_coss.py")
     assert f"tiny_{split}.beton is not a readable beton" in line
 
 
@@ -204,8 +199,8 @@ def test_an_unreadable_checkpoint_is_one_line_and_exit_2_in_evaluate_and_on_resu
         _damage(ck, how)
     assert message in _one_error_line(run_main("evaluate.py", "--ckpt", run), "evaluate.py")
     line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
-                                f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
-                                "--optim.epochs=2"), "train_coss.py")
+                                    f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
+                                    "--optim.epochs=2"), "train_coss.py")
     assert line.startswith("train_coss.py: error: cannot resume:") and message in line
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(".", r"\.")):
         read_checkpoint(str(ck))
@@ -220,8 +215,8 @@ def test_an_exported_backbone_given_to_evaluate_says_what_to_give(trained_run):
 def test_resuming_with_other_model_settings_names_the_differing_keys(betons, trained_run, tmp_path):
     shutil.copytree(trained_run, tmp_path / "r")
     line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
-                                f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
-                                "--optim.epochs=2", "--model.width=8", "--method.proj_dim=8"), "train_coss.py")
+                                    f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
+                                    "--optim.epochs=2", "--model.width=8", "--method.proj_dim=8"), "train_coss.py")
     assert "model.width: 4 in the checkpoint, 8 now" in line and "method.proj_dim: 16 in the checkpoint, 8 now" in line
 
 
@@ -287,7 +282,7 @@ def test_torchrun_with_two_gloo_processes_completes_with_a_complete_run_folder(b
 
 def test_the_missing_beton_hint_carries_the_data_overrides(tmp_path):
     res = run_main("train_coss.py", "--data.source=synthetic", "--data.name=mine", f"--data.beton_dir={tmp_path}/b",
-               "--optim.epochs=1")
+                   "--optim.epochs=1")
     line = _one_error_line(res, "train_coss.py")
     assert (f"write it with: python write_ffcv.py --split train --data.source=synthetic --data.name=mine "
             f"--data.beton_dir={tmp_path}/b") in line and "optim" not in line
@@ -326,12 +321,12 @@ def test_after_a_resume_logs_hold_each_step_once_and_params_record_the_resume(be
 @pytest.mark.timeout(600)
 def test_successful_runs_of_every_script_print_no_numba_noise(betons, tmp_path):
     out = tmp_path / "b"
-    _quiet_stderr(_cli("write_ffcv.py", "--split", "val", *TINY, f"--data.beton_dir={out}"))
-    res = _cli("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
-               "--training.run_name=r", "--optim.epochs=1")
+    _quiet_stderr(run_script("write_ffcv.py", "--split", "val", *TINY, f"--data.beton_dir={out}"))
+    res = run_script("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+                     "--training.run_name=r", "--optim.epochs=1")
     _quiet_stderr(res)
-    _quiet_stderr(_cli("evaluate.py", "--ckpt", tmp_path / "r", "--robust.images=16", "--robust.severities=1",
-                       "--robust.pgd_eps=1", "--analysis.pairs=8", "--linear.epochs=2"))
+    _quiet_stderr(run_script("evaluate.py", "--ckpt", tmp_path / "r", "--robust.images=16", "--robust.severities=1",
+                             "--robust.pgd_eps=1", "--analysis.pairs=8", "--linear.epochs=2"))
 
 
 @pytest.mark.timeout(600)
@@ -370,8 +365,8 @@ def test_resuming_onto_other_data_is_refused_with_one_line(betons, trained_run, 
     """resume=auto on other data would continue an old run on it, printing only "resuming": refused instead."""
     shutil.copytree(trained_run, tmp_path / "r")
     line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
-                                f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=auto",
-                                "--optim.epochs=2", *other), "train_coss.py")
+                                    f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=auto",
+                                    "--optim.epochs=2", *other), "train_coss.py")
     assert "was trained on other data" in line and message in line, line
 
 
@@ -399,14 +394,14 @@ def test_read_jsonl_skips_and_counts_what_is_not_a_row(tmp_path):
 def test_resuming_with_another_batch_size_is_refused_with_one_line(betons, trained_run, tmp_path):
     shutil.copytree(trained_run, tmp_path / "r")
     line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
-                                f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
-                                "--optim.epochs=2", "--optim.batch_size=8"), "train_coss.py")
+                                    f"--training.out_dir={tmp_path}", "--training.run_name=r", "--training.resume=1",
+                                    "--optim.epochs=2", "--optim.batch_size=8"), "train_coss.py")
     assert "was trained at optim.batch_size=16, now 8" in line and "--optim.batch_size=16" in line
 
 
 def test_print_config_refuses_what_the_run_refuses():
     line = _one_error_line(run_main("train_coss.py", "--print-config", "--method.name=byol", "--logo.enabled=1",
-                                "--logo.local_cmax=0.04"), "train_coss.py")
+                                    "--logo.local_cmax=0.04"), "train_coss.py")
     assert "not above 0.05" in line
 
 
@@ -419,8 +414,8 @@ def test_views_too_small_for_the_backbone_are_one_line(betons, tmp_path, extra, 
     """BagNet-33's unpadded convolutions fail inside the first forward on views under 33 px (global, multi-crop's
     local or LoGo's local): refused before any work, naming the key and the size it needs."""
     line = _one_error_line(run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}",
-                                f"--training.out_dir={tmp_path}", "--model.backbone=bagnet33", "--method.name=byol",
-                                *extra), "train_coss.py")
+                                    f"--training.out_dir={tmp_path}", "--model.backbone=bagnet33", "--method.name=byol",
+                                    *extra), "train_coss.py")
     assert "needs views of at least 33 px" in line and key in line
 
 
@@ -492,5 +487,5 @@ def test_a_real_write_failure_is_one_line_with_the_resume_command_and_the_run_re
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 1
     assert not [p for p in os.listdir(ckpt.parent) if ".tmp-" in p]
     resume = line.split("resume with: python train_coss.py ")[1].split()
-    _quiet_stderr(_cli("train_coss.py", *resume))
+    _quiet_stderr(run_script("train_coss.py", *resume))
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 3

@@ -23,7 +23,7 @@ def test_a_run_of_version_0_7_0_resumes_and_evaluates(betons, tmp_path, name):
     assert before["epoch"] == 1 and json.load(open(tmp_path / name / "env.json"))["version"] == "0.7.0"
     res = run_main("train_coss.py", *TINY, *OLD_RUNS[name], f"--data.beton_dir={betons / 'betons'}",
                    f"--training.out_dir={tmp_path}", f"--training.run_name={name}", "--training.resume=1",
-               "--optim.epochs=2")
+                   "--optim.epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     after = torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert after["epoch"] == 2 and after["step"] == 2 * before["step"]
@@ -32,6 +32,6 @@ def test_a_run_of_version_0_7_0_resumes_and_evaluates(betons, tmp_path, name):
     if before["method_state"] is not None:  # DINO's centre and teacher temperature came back and moved on
         assert len(after["method_state"]) == len(before["method_state"])
     res = run_main("evaluate.py", "--ckpt", tmp_path / name, "--robust.images=16", "--robust.severities=1",
-               "--robust.pgd_eps=1", "--analysis.pairs=8", "--linear.epochs=2")
+                   "--robust.pgd_eps=1", "--analysis.pairs=8", "--linear.epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(tmp_path / name / "eval" / "eval.json"))["knn"]

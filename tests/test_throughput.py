@@ -15,8 +15,8 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path):
     import throughput
     rows = throughput.main(["--device=cpu", "--images=48", "--backbone=resnet18_w16_cifar", "--res=16",
                             "--batch=8", "--steps=2", "--warmup=1", "--workers=1", "--compile=0",
-                            "--method", "co_byol", "logo", "--local-res=8", "--decode", "cpu", "gpu", f"--data={tmp_path}",
-                            "--set", "training.nan_check_every=2"])
+                            "--method", "co_byol", "logo", "--local-res=8", "--decode", "cpu", "gpu",
+                            f"--data={tmp_path}", "--set", "training.nan_check_every=2"])
     assert [(r["method"], r["decode"], r["views"]) for r in rows] == [
         ("co_byol", "cpu", "2+0"), ("co_byol", "gpu", "2+0"), ("logo", "cpu", "2+2"), ("logo", "gpu", "2+2")]
     for r in rows:

@@ -214,7 +214,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(betons, tmp_path):
     (["--optim.batch_sise=8"], "unknown command line key 'optim.batch_sise'"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(betons, tmp_path, extra, message):
-    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}", *extra)
+    res = run_main("train_coss.py", *TINY, f"--data.beton_dir={betons / 'betons'}", f"--training.out_dir={tmp_path}",
+                   *extra)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.strip().splitlines() if line.startswith("train_coss.py: error:")]
     assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from config import FASHION_MNIST_DIR
-from conftest import REPO, make_cfg, read_beton, run_main, save_image, wnid_colour
+from conftest import REPO, make_cfg, read_beton, run_main, run_script, save_image, wnid_colour
 
 import write_ffcv
 from beton_files import beton_path
@@ -277,9 +277,8 @@ def test_verify_off_fails_cleanly_on_a_bad_file_instead_of_hanging(tmp_path):
     assert not [f for f in os.listdir(os.path.dirname(out)) if ".tmp-" in f]
 
 
-def _run_cli(*args, timeout=120):
-    return subprocess.run([PY, os.path.join(REPO, "write_ffcv.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+def _run_cli(*args, timeout=120):  # a new process (conftest.run_script)
+    return run_script("write_ffcv.py", *args, timeout=timeout)
 
 
 def _run(*args):  # the command's main() in this process (conftest.run_main): what it prints and returns
