@@ -37,11 +37,12 @@ class NormedLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """DINO's head (ResNet setting, no BatchNorm): Linear -> GELU -> Linear -> GELU -> Linear to the bottleneck,
-    L2 normalisation, then the prototypes layer (NormedLinear, out_dim logits). local=True: the same as 1x1
-    convolutions over a feature map ([B, C, h, w] -> [B, out_dim, h, w])."""
+    """DINO's head: Linear -> GELU -> Linear -> GELU -> Linear to the bottleneck, L2 normalisation, then the
+    prototypes layer (NormedLinear, out_dim logits). bn: a BatchNorm after each hidden Linear (DINO's
+    use_bn_in_head; its ResNet setting has none, the small-image benchmarks of lightly put one there). local=True:
+    the same as 1x1 convolutions over a feature map ([B, C, h, w] -> [B, out_dim, h, w])."""
 
-    def __init__(self, d_in, hidden, bottleneck, out_dim, local=False):
+    def __init__(self, d_in, hidden, bottleneck, out_dim, local=False, bn=False):
         super().__init__()
 
         def layer(a, b):
@@ -49,7 +50,9 @@ class DINOHead(nn.Module):
             nn.init.trunc_normal_(m.weight, std=0.02)  # DINO's initialisation of its head's MLP
             nn.init.zeros_(m.bias)
             return m
-        self.mlp = nn.Sequential(layer(d_in, hidden), nn.GELU(), layer(hidden, hidden), nn.GELU(),
+        def norm():
+            return [(nn.BatchNorm2d if local else nn.BatchNorm1d)(hidden)] if bn else []
+        self.mlp = nn.Sequential(layer(d_in, hidden), *norm(), nn.GELU(), layer(hidden, hidden), *norm(), nn.GELU(),
                                  layer(hidden, bottleneck))
         self.prototypes = NormedLinear(bottleneck, out_dim, local=local)
 

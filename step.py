@@ -34,7 +34,7 @@ def build_model(cfg, num_classes, device, init=True):
     online = methods.build_net(backbone, cfg["method.name"], cfg["method.proj_hidden"], cfg["method.proj_dim"],
                     cfg["method.pred_hidden"], cfg["co.local_hidden"], cfg["co.local_grid"],
                     cfg["co.local_layer"], cfg["dino.out_dim"], cfg["method.proj_out_bn"],
-                    cfg["method.pred_out_bn"])
+                    cfg["method.pred_out_bn"], cfg["dino.head_bn"])
     target = TargetNet(online) if methods.get(cfg["method.name"]).ema_target else None
     probe = nn.Linear(backbone.num_features, num_classes)
     affinity = affinity_mlp(cfg["method.proj_dim"]) if cfg["logo.enabled"] else None

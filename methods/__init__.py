@@ -24,7 +24,7 @@ def get(name):
 
 
 def build_net(backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden, local_grid=0, local_layer="last",
-              dino_out_dim=4096, proj_out_bn="auto", pred_out_bn="auto"):
+              dino_out_dim=4096, proj_out_bn="auto", pred_out_bn="auto", dino_head_bn=False):
     """The online network of `method` around `backbone`: its heads (global, and local for a CO variant) built by the
     method, in a models.SSLNet."""
     m = get(method)
@@ -35,7 +35,7 @@ def build_net(backbone, method, proj_hidden, proj_dim, pred_hidden, local_hidden
     map_stage = backbone.num_stages - 1 if local_layer == "previous" else None
     C = backbone.num_features
     a = HeadArgs(C, backbone.stage_channels(map_stage) if map_stage else C, proj_hidden, proj_dim, pred_hidden,
-                 local_hidden, dino_out_dim, proj_out_bn, pred_out_bn)
+                 local_hidden, dino_out_dim, proj_out_bn, pred_out_bn, dino_head_bn)
     heads = [m.projector(a), m.predictor_head(a)]
     heads += [m.local_projector(a), m.local_predictor(a)] if m.local else [None, None]
     return SSLNet(backbone, method, *heads, local_grid=local_grid, map_stage=map_stage)

@@ -79,6 +79,7 @@ class HeadArgs(NamedTuple):
     dino_out_dim: int
     proj_out_bn: str     # auto / none / affine / fixed
     pred_out_bn: str
+    dino_head_bn: bool = False  # dino.head_bn
 
 
 class Method:

@@ -4,7 +4,7 @@ distribution (local heads) with it. Its state: the teacher centre [1, K] and the
 (warm-up schedule). Its last layer (the prototypes) stays as initialised for dino.freeze_last_layer epochs."""
 import torch
 
-from config import Param, StrictFloat, StrictInt
+from config import Param, StrictBool, StrictFloat, StrictInt
 from distributed import gather_with_grad
 from losses import dino_center_update, dino_local_loss, dino_loss, dino_teacher_temp
 from methods.base import Method, co_variant, forward_views
@@ -22,7 +22,9 @@ def section():
         warmup_teacher_temp_epochs=Param(StrictInt(0), "epochs of the teacher temperature's linear warm-up (per "
                                          "epoch, as DINO)", default=0),
         center_momentum=Param(StrictFloat(0.0, 1.0), "momentum of the teacher centre", default=0.9),
-        freeze_last_layer=Param(StrictInt(0), "epochs during which the last layer gets no update", default=1)))
+        freeze_last_layer=Param(StrictInt(0), "epochs during which the last layer gets no update", default=1),
+        head_bn=Param(StrictBool(), "a BatchNorm after each hidden layer of the head (DINO's use_bn_in_head; off in "
+                      "its ResNet setting, on in lightly's small-image benchmarks)", default=False)))
 
 
 def teacher_temp(cfg, epoch):
@@ -40,10 +42,10 @@ class DINO(Method):
     state_names = ("center", "teacher_temp")
 
     def projector(self, a):
-        return DINOHead(a.in_dim, a.proj_hidden, a.proj_dim, a.dino_out_dim)
+        return DINOHead(a.in_dim, a.proj_hidden, a.proj_dim, a.dino_out_dim, bn=a.dino_head_bn)
 
     def local_projector(self, a):
-        return DINOHead(a.local_in_dim, a.local_hidden, a.proj_dim, a.dino_out_dim, local=True)
+        return DINOHead(a.local_in_dim, a.local_hidden, a.proj_dim, a.dino_out_dim, local=True, bn=a.dino_head_bn)
 
     def init_state(self, cfg, device):
         return (torch.zeros(1, cfg["dino.out_dim"], device=device),

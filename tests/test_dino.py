@@ -110,3 +110,26 @@ def test_last_layer_is_weight_normalised_and_frozen_in_the_first_epoch():
     run.set_epoch(1)
     run.step(batch)
     assert not torch.equal(layer.weight, w0)
+
+
+def test_head_bn_normalises_each_hidden_layer_over_the_batch():
+    """dino.head_bn: a BatchNorm after each hidden Linear of the global and the local head (DINO's use_bn_in_head),
+    placed before the GELU, none by default; the first one normalises with the batch's statistics."""
+    import torch.nn as nn
+    import train_coss
+    from models import DINOHead
+    for bn in (False, True):
+        cfg = load_config(None, TINY + ["--method.name=co_dino", "--dino.out_dim=12", f"--dino.head_bn={bn}"])
+        online, _, _, _ = train_coss.build_model(cfg, 10, torch.device("cpu"))
+        for head, norm in ((online.projector, nn.BatchNorm1d), (online.local_projector, nn.BatchNorm2d)):
+            got = [type(m) for m in head.mlp]
+            assert got.count(norm) == (2 if bn else 0) and not any(t.__name__.startswith("BatchNorm") and t is not norm
+                                                                   for t in got)
+            if bn:
+                assert got.index(norm) == 1 and got[got.index(norm) + 1] is nn.GELU
+    head = DINOHead(5, 8, 4, 6, bn=True)
+    x = torch.randn(7, 5)
+    x[:, 0] += torch.arange(7.0)                                   # images differ in one input only
+    out = head(x)
+    assert out.shape == (7, 6) and out.std(0).min() > 0
+    torch.testing.assert_close(head.mlp[1].running_mean, 0.1 * head.mlp[0](x).mean(0).detach())
