@@ -331,11 +331,14 @@ def _declare(cfg):
     )
     _section(cfg, "optim", "Optimisation").params(
         batch_size=Param(StrictInt(2), "images per step per process", default=64),
-        epochs=Param(StrictInt(1), "passes over the training images (ignored when optim.minutes is set)",
-                     default=3),
+        epochs=Param(StrictInt(1), "passes over the training images (ignored when optim.minutes or optim.steps is "
+                     "set)", default=3),
         minutes=Param(StrictFloat(0.0, 1e6), "training budget in minutes (at most 10^6, about two years): the step count is set from the throughput of "
                       "the first steps (timed, then undone), so the lr and tau schedules run whole; the last epoch "
                       "may be partial; 0 = train optim.epochs", default=0.0),
+        steps=Param(StrictInt(0), "train exactly N steps, the lr and tau schedules stretched to them (to compare "
+                    "runs at equal steps, e.g. a CO variant at its base's measured step count); the last epoch may "
+                    "be partial; 0 = train optim.epochs; not with optim.minutes", default=0),
         lr=Param(StrictFloat(0.0), "base lr per 256 images (x batch_size * world / 256)", default=0.6),
         warmup_epochs=Param(StrictFloat(0.0), "linear warm-up, then optim.lr_schedule", default=0.2),
         lr_schedule=Param(Choice("cosine", "constant"), "after the warm-up: cosine to 0, or the peak lr throughout "

@@ -201,7 +201,8 @@ class Run:
         self.cfg, self.device, self.world = cfg, device, world
         self.loader, self.decoders, self.num_train = loader, decoders, num_train
         self.steps_per_epoch = len(loader) if loader is not None else 1
-        self.total_steps = cfg["optim.epochs"] * self.steps_per_epoch  # optim.minutes: set by calibrate()
+        # optim.steps when set, else whole epochs; optim.minutes: set by calibrate()
+        self.total_steps = cfg["optim.steps"] or cfg["optim.epochs"] * self.steps_per_epoch
         self.budgeted = False                                             # True once a time budget set it
         self.warmup_steps = cfg["optim.warmup_epochs"] * self.steps_per_epoch
         self.res, self.epoch, self.global_step = resolution_at(cfg, 0), 0, 0  # global_step: updates done so far

@@ -124,6 +124,9 @@ def check_options(cfg, num_train, world):
     if cfg["logo.enabled"] and cfg["logo.local_cmax"] <= 0.05:
         raise TrainingError(f"logo.local_cmax={cfg['logo.local_cmax']} is not above 0.05, LoGo's "
                             f"smallest local crop scale (its local crops take scale (0.05, logo_local_cmax))")
+    if cfg["optim.steps"] and cfg["optim.minutes"]:
+        raise TrainingError(f"optim.steps={cfg['optim.steps']} and optim.minutes={cfg['optim.minutes']:g} both set "
+                            "the run's length; keep one (optim.minutes=0 or optim.steps=0)")
     check_view_sizes(cfg)
     out_dir, run_name = cfg["training.out_dir"], cfg["training.run_name"]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -162,6 +162,25 @@ def test_a_budgeted_run_ends_at_its_step_count_with_whole_schedules_and_resumes_
     assert torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=False)["step"] == 6
 
 
+def test_a_run_of_fixed_steps_ends_there_with_whole_schedules_and_resumes_with_it(betons, tmp_path):
+    """optim.steps=6 on 4 steps per epoch: 6 updates over 2 epochs (the second partial), the cosine run to its end,
+    a resume after epoch 0 ends at the same step; optim.steps with optim.minutes is refused."""
+    train(tiny_cfg(betons, tmp_path, "--training.run_name=s", "--optim.steps=6", "--optim.warmup_epochs=0.25"),
+          log=quiet)
+    ck = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 6 and ck["budget_steps"] is None and ck["epoch"] == 2 and "epoch1" in ck["results"]
+    steps = [r for r in map(json.loads, open(tmp_path / "s" / "log.jsonl")) if "lr" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[-1]["lr"] < 0.1 * max(r["lr"] for r in steps)
+    ck["epoch"], ck["step"] = 1, 4
+    torch.save(ck, tmp_path / "s" / "checkpoint.pt")
+    train(tiny_cfg(betons, tmp_path, "--training.run_name=s", "--optim.steps=6", "--optim.warmup_epochs=0.25",
+                   "--training.resume=1"), log=quiet)
+    assert torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=False)["step"] == 6
+    with pytest.raises(TrainingError, match=r"optim.steps=6 and optim.minutes=1 both set the run's length"):
+        train(tiny_cfg(betons, tmp_path, "--optim.steps=6", "--optim.minutes=1"), log=quiet)
+
+
 # ------------------------------------------------------------------------------------------ errors that name the fix
 
 def test_a_warm_up_longer_than_the_run_is_refused_or_under_a_budget_shrunk_with_a_warning(betons, tmp_path,
