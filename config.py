@@ -22,7 +22,7 @@ from fastargs import Param, Section
 from fastargs.config import Config
 from fastargs.validation import Checker
 
-VERSION = "0.8.0"  # the project's version (pyproject.toml and CHANGELOG.md say the same; a test checks)
+VERSION = "0.8.1"  # the project's version (pyproject.toml and CHANGELOG.md say the same; a test checks)
 REPO = os.path.dirname(os.path.abspath(__file__))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 IMAGENET100_CLASSES = os.path.join(REPO, "data", "imagenet100_classes.txt")
