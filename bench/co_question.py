@@ -32,9 +32,13 @@ def evaluate_if_needed(run, overrides):
     path = os.path.join(run, "eval", "eval.json")
     if not os.path.isfile(path):
         print(f"evaluating {run} ...", flush=True)
-        subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", run,
-                        *[f"--{o}" for o in overrides]], check=True)
-    return json.load(open(path))
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", run,
+                               *[f"--{o}" for o in overrides]])
+        if done.returncode:
+            raise SystemExit(f"co_question.py: error: evaluate.py --ckpt {run} failed (exit {done.returncode}; its "
+                             "message is above)")
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def row(run, overrides):
@@ -100,10 +104,10 @@ def main(argv=None):
     for arm in ("wall", "steps"):
         got = getattr(a, arm)
         if got and len(got) != len(a.base):
-            sys.exit(f"co_question.py: error: --{arm} has {len(got)} runs for {len(a.base)} base runs (one per seed)")
+            raise SystemExit(f"co_question.py: error: --{arm} has {len(got)} runs for {len(a.base)} base runs (one per seed)")
     for run in a.base + a.wall + a.steps:
         if not os.path.isfile(os.path.join(run, "checkpoint.pt")):
-            sys.exit(f"co_question.py: error: {run} has no checkpoint.pt (a train_coss.py run folder?)")
+            raise SystemExit(f"co_question.py: error: {run} has no checkpoint.pt (a train_coss.py run folder?)")
     arms = {"base": [row(r, a.eval_set) for r in a.base], "wall": [row(r, a.eval_set) for r in a.wall]}
     if a.steps:
         arms["steps"] = [row(r, a.eval_set) for r in a.steps]
@@ -116,4 +120,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # our refusals carry their one line: print it, exit 2 (no traceback), as bench/parity.py
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise

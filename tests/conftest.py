@@ -101,6 +101,15 @@ def quiet(*_):
     pass
 
 
+def bench_module(name):
+    """bench/<name>.py imported as a module (bench/ is scripts, not a package), for tests of a harness's own logic."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(script, *args, env=None, timeout=300):
     """`python <script> <args>` as a new process in the repository, output captured: for what only a real process
     shows (the __main__ wrapper's exit, numba's finalisers at shutdown, signals, a kill, a full disk)."""

@@ -1,24 +1,16 @@
 """bench/co_question.py's own arithmetic (issue 21, point 5): what it reads from a run folder (steps, monitors,
 training time from the log rows, the suite's robustness) and the seed-for-seed differences of its table, on run
 folders written here by hand (no training)."""
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import bench_module, run_script
 
 
-def _co_question():
-    spec = importlib.util.spec_from_file_location("co_question", os.path.join(REPO, "bench", "co_question.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cq = _co_question()
+cq = bench_module("co_question")
 
 
 def _run(folder, steps, knn, probe, linear, noise, masked, seconds):
@@ -62,3 +54,7 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
         cq.main(["--base", "x", "y", "--wall", "z", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="has no checkpoint.pt"):
         cq.main(["--base", str(tmp_path), "--wall", str(tmp_path), "--out", str(tmp_path)])
+    res = run_script("bench/co_question.py", "--base", tmp_path, "--wall", tmp_path, "--out", tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"co_question.py: error: {tmp_path} has no checkpoint.pt (a "
+                                               "train_coss.py run folder?)"]

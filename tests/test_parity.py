@@ -1,25 +1,16 @@
 """The parity harness's own arithmetic (bench/parity.py): its recipes reach our trainer as the keys they name, and
 the lr it gives our side makes our update equal lightly's. lightly itself is optional (make parity-setup): these
 tests write lightly's losses out instead of importing them."""
-import importlib.util
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import bench_module
 from losses import multicrop_byol, multicrop_nt_xent
 
 
-def _parity():
-    spec = importlib.util.spec_from_file_location("parity", os.path.join(REPO, "bench", "parity.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-parity = _parity()
+parity = bench_module("parity")
 
 
 def test_byol_recipe_reaches_our_config_key_by_key():
