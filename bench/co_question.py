@@ -4,9 +4,9 @@ the monitors (kNN, probe) and on evaluate.py's suite (offline linear top-1, robu
 
     python bench/co_question.py --out reports/co_question/simclr \
         --base runs/p4/fmnist_simclr_s{0,1,2} --wall runs/p4/fmnist_co_simclr_s{0,1,2} \
-        [--steps runs/p5/fmnist_co_simclr_steps_s{0,1,2}] [--names SimCLR CO-SimCLR]
+        [--steps runs/p5/fmnist_co_simclr_steps_s{0,1,2}] [--names SimCLR CO-SimCLR] [--seeds 0 1 2]
 
-The i-th run of each list is seed i's. A run without its evaluation (<run>/eval/eval.json) is evaluated first by
+The i-th run of each list is the i-th seed's (--seeds labels them in the table; default 0, 1, ...). A run without its evaluation (<run>/eval/eval.json) is evaluated first by
 `evaluate.py --ckpt <run>` (the whole suite, the run's own config; --eval-set key=value overrides, as evaluate.py
 takes them). Writes <out>/co_question.md: one row per run, then per arm the mean over seeds and the mean and spread
 of its difference to the base, seed for seed. Noise: the mean top-1 over the severities of gaussian, shot and
@@ -65,13 +65,14 @@ def fmt(v, col):
     return f"{v:.1f}" if col == "train min" else f"{v:.4f}"
 
 
-def table(arms, names):
-    """arms: {arm: [row per seed]}; the base arm first."""
+def table(arms, names, seeds=None):
+    """arms: {arm: [row per seed]}; the base arm first; seeds: the rows' seed labels (default 0, 1, ...)."""
     base = arms["base"]
+    seeds = list(range(len(base))) if seeds is None else seeds
     head = "| arm | seed | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|---|---:|" + "---:|" * len(COLUMNS)]
     for arm, rows in arms.items():
-        for seed, r in enumerate(rows):
+        for seed, r in zip(seeds, rows):
             lines.append(f"| {names[arm]} | {seed} | " + " | ".join(fmt(r[c], c) for c in COLUMNS) + " |")
     lines += ["", "Mean over the seeds, and the difference to the base seed for seed (mean, and min to max over the "
               "seeds; accuracies in points):", "", "| arm | " + " | ".join(COLUMNS) + " |",
@@ -97,6 +98,7 @@ def main(argv=None):
     p.add_argument("--wall", nargs="+", required=True, help="the CO variant's runs at the base's optim.minutes")
     p.add_argument("--steps", nargs="+", default=[], help="the CO variant's runs at the base's step count")
     p.add_argument("--names", nargs=2, default=["base", "CO"], help="labels of the base and the CO variant")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="the runs' seeds, in their order (labels)")
     p.add_argument("--out", required=True)
     p.add_argument("--eval-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="evaluate.py overrides for runs not yet evaluated, e.g. robust.pgd_eps=1")
@@ -105,6 +107,8 @@ def main(argv=None):
         got = getattr(a, arm)
         if got and len(got) != len(a.base):
             raise SystemExit(f"co_question.py: error: --{arm} has {len(got)} runs for {len(a.base)} base runs (one per seed)")
+    if a.seeds is not None and len(a.seeds) != len(a.base):
+        raise SystemExit(f"co_question.py: error: --seeds has {len(a.seeds)} seeds for {len(a.base)} base runs")
     for run in a.base + a.wall + a.steps:
         if not os.path.isfile(os.path.join(run, "checkpoint.pt")):
             raise SystemExit(f"co_question.py: error: {run} has no checkpoint.pt (a train_coss.py run folder?)")
@@ -113,7 +117,7 @@ def main(argv=None):
         arms["steps"] = [row(r, a.eval_set) for r in a.steps]
     names = {"base": a.names[0], "wall": f"{a.names[1]}, equal time", "steps": f"{a.names[1]}, equal steps"}
     os.makedirs(a.out, exist_ok=True)
-    md = table(arms, names)
+    md = table(arms, names, a.seeds)
     with open(os.path.join(a.out, "co_question.md"), "w") as fh:
         fh.write(f"# {a.names[1]} against {a.names[0]}\n\nRuns: {' '.join(a.base + a.wall + a.steps)}\n\n{md}\n")
     print(md)

@@ -47,11 +47,15 @@ def test_the_table_gives_each_arm_its_seed_for_seed_difference_to_the_base(tmp_p
     assert cells[1] == "-20"                              # steps, per seed 80 - 100
     assert cells[3] == "+0.0 (-1.0 to +1.0)"              # kNN points: -1, 0, +1 at seeds 0, 1, 2
     assert cells[4] == "+0.0 (+0.0 to +0.0)"
+    labelled = cq.table({"base": base[:1], "wall": co[:1]}, {"base": "B", "wall": "C, equal time"}, seeds=[2])
+    assert [line.split("|")[2].strip() for line in labelled.splitlines() if line.startswith("| B |")][0] == "2"
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--wall has 1 runs for 2 base runs"):
         cq.main(["--base", "x", "y", "--wall", "z", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--seeds has 1 seeds for 2 base runs"):
+        cq.main(["--base", "x", "y", "--wall", "z", "w", "--seeds", "2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="has no checkpoint.pt"):
         cq.main(["--base", str(tmp_path), "--wall", str(tmp_path), "--out", str(tmp_path)])
     res = run_script("bench/co_question.py", "--base", tmp_path, "--wall", tmp_path, "--out", tmp_path)
