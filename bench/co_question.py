@@ -6,9 +6,9 @@ the monitors (kNN, probe) and on evaluate.py's suite (offline linear top-1, robu
         --base runs/p4/fmnist_simclr_s{0,1,2} --wall runs/p4/fmnist_co_simclr_s{0,1,2} \
         [--steps runs/p5/fmnist_co_simclr_steps_s{0,1,2}] [--names SimCLR CO-SimCLR] [--seeds 0 1 2]
 
-The i-th run of each list is the i-th seed's (--seeds labels them in the table; default 0, 1, ...). A run without its evaluation (<run>/eval/eval.json) is evaluated first by
-`evaluate.py --ckpt <run>` (the whole suite, the run's own config; --eval-set key=value overrides, as evaluate.py
-takes them). Writes <out>/co_question.md: one row per run, then per arm the mean over seeds and the mean and spread
+The i-th run of each list is the i-th seed's (--seeds labels them in the table; default 0, 1, ...). A run
+without its evaluation (<run>/eval/eval.json) is evaluated first by `evaluate.py --ckpt <run>` (the whole suite,
+the run's own config; --eval-set key=value overrides, as evaluate.py takes them). Writes <out>/co_question.md: one row per run, then per arm the mean over seeds and the mean and spread
 of its difference to the base, seed for seed. Noise: the mean top-1 over the severities of gaussian, shot and
 impulse noise; masked: top-1 with that fraction of cells masked."""
 import argparse
@@ -106,7 +106,8 @@ def main(argv=None):
     for arm in ("wall", "steps"):
         got = getattr(a, arm)
         if got and len(got) != len(a.base):
-            raise SystemExit(f"co_question.py: error: --{arm} has {len(got)} runs for {len(a.base)} base runs (one per seed)")
+            raise SystemExit(f"co_question.py: error: --{arm} has {len(got)} runs for {len(a.base)} base runs "
+                             "(one per seed)")
     if a.seeds is not None and len(a.seeds) != len(a.base):
         raise SystemExit(f"co_question.py: error: --seeds has {len(a.seeds)} seeds for {len(a.base)} base runs")
     for run in a.base + a.wall + a.steps:
