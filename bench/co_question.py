@@ -8,9 +8,10 @@ the monitors (kNN, probe) and on evaluate.py's suite (offline linear top-1, robu
 
 The i-th run of each list is the i-th seed's (--seeds labels them in the table; default 0, 1, ...). A run
 without its evaluation (<run>/eval/eval.json) is evaluated first by `evaluate.py --ckpt <run>` (the whole suite,
-the run's own config; --eval-set key=value overrides, as evaluate.py takes them). Writes <out>/co_question.md: one row per run, then per arm the mean over seeds and the mean and spread
-of its difference to the base, seed for seed. Noise: the mean top-1 over the severities of gaussian, shot and
-impulse noise; masked: top-1 with that fraction of cells masked."""
+the run's own config; --eval-set key=value overrides, as evaluate.py takes them). Writes <out>/co_question.md:
+one row per run, then per arm the mean over seeds and the mean and spread of its difference to the base, seed for
+seed. Noise: the mean top-1 over the severities of gaussian, shot and impulse noise; masked: top-1 with that
+fraction of cells masked."""
 import argparse
 import json
 import os
